@@ -1,0 +1,208 @@
+"""`chroma-resume build|resume-status|verify|clean-wal`: parse options, call the package.
+
+Option values come from three layers, last wins: built-in defaults (Config),
+the `[tool.chroma-resume]` table of ./pyproject.toml, the command line. dodo.py
+uses the same OPTIONS table and `resolve_config`, so every face agrees.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+
+from . import config as cfg
+from .errors import ChromaResumeError
+
+# (option, kind, help). kind: str | int | "bool" (true/false value) | a tuple of choices.
+OPTIONS: list[tuple[str, object, str]] = [
+    ("root", str, "base folder; relative paths resolve against it (default .)"),
+    ("docs", str, "corpus folder (alternative to --units)"),
+    ("units", str, "units JSONL: source_uri, text, optional doc_id/source_type/updated_at/metadata"),
+    ("include", str, "space-separated globs of files to index (default '*.md *.markdown *.txt *.rst')"),
+    ("exclude", str, "space-separated globs to skip"),
+    ("db", str, "PersistentClient folder (default .chroma)"),
+    ("chroma-host", str, "use a Chroma server (HttpClient) instead of --db"),
+    ("chroma-port", int, "Chroma server port (default 8000)"),
+    ("collection", str, "collection name (default docs)"),
+    ("state-root", str, "where manifest, LATEST, WAL and lock live (default .chroma-state)"),
+    ("embed-model", str, "FlagEmbedding model id or path; hash:DIM for the stand-in (default: packaged MiniLM)"),
+    ("pooling", ("auto", "cls", "mean"), "pooling; auto = mean for MiniLM, cls for BGE"),
+    ("device", str, "torch device (default cpu)"),
+    ("embed-batch", int, "texts per model forward pass (default 32)"),
+    ("upsert-batch", int, "chunks per upsert and WAL commit group (default 256)"),
+    ("chunk-chars", int, "chunk size budget in characters (default 1200)"),
+    ("overlap-chars", int, "overlap between chunks (default 150)"),
+    ("min-chunk-chars", int, "smallest chunk worth keeping (default 200)"),
+    ("hnsw-space", ("cosine", "l2", "ip"), "distance of a new collection (default cosine)"),
+    ("sync-mode", ("incremental", "delete-stale", "none"), "what to sync (default incremental)"),
+    ("on-missing-state", ("reset", "fail", "full-upsert"), "manifest missing but collection not empty"),
+    ("schema-change", ("reset", "fail"), "LATEST differs from this configuration's schema"),
+    ("delete-batch", int, "ids per delete call (default 500)"),
+    ("strict-sync", "bool", "fail (exit 1) unless the collection holds exactly the expected ids"),
+    ("write-state", "bool", "write index_state.json on success (default true)"),
+    ("resume", ("auto", "off", "force"), "use an unfinished WAL (default auto)"),
+    ("wal", ("on", "off"), "write the WAL (default on)"),
+    ("wal-fsync", ("off", "doc", "interval"), "WAL durability policy (default doc)"),
+    ("wal-fsync-interval", int, "events between fsyncs with --wal-fsync interval (default 50)"),
+    ("keep-wal", "bool", "archive the WAL of a successful run instead of removing it"),
+    ("on-read-error", ("skip", "fail"), "unreadable, binary or non-UTF-8 files (default skip)"),
+    ("embed-log", str, "append the id of every chunk embedded to this file (audit)"),
+    ("progress", ("auto", "on", "off"), "progress display on stderr (default auto)"),
+]
+
+
+def parse_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise cfg.UsageError(f"expected true or false, got {value!r}")
+
+
+def project_defaults(folder: str = ".") -> dict:
+    """The `[tool.chroma-resume]` table of folder/pyproject.toml, if any."""
+    location = os.path.join(folder, "pyproject.toml")
+    try:
+        with open(location, "rb") as fh:
+            table = tomllib.load(fh).get("tool", {}).get("chroma-resume", {})
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise cfg.UsageError(f"{location}: {exc}") from None
+    known = {name for name, _, _ in OPTIONS}
+    unknown = set(table) - known
+    if unknown:
+        raise cfg.UsageError(f"{location} [tool.chroma-resume]: unknown key(s) {', '.join(sorted(unknown))}")
+    return table
+
+
+def resolve_config(given: dict, folder: str = ".") -> cfg.Config:
+    """Defaults < pyproject table < given options (None = not given)."""
+    merged = {**project_defaults(folder), **{k.replace("_", "-"): v for k, v in given.items() if v is not None}}
+    if "wal" in merged:
+        merged["wal"] = parse_bool(merged["wal"])
+    for name, kind, _ in OPTIONS:
+        if kind == "bool" and name in merged:
+            merged[name] = parse_bool(merged[name])
+    return cfg.make_config(**merged)
+
+
+def describe(c: cfg.Config) -> str:
+    """The effective configuration, shown at the top of every command."""
+    source = c.docs or c.units
+    return (f"[CONFIG] corpus={source} db={cfg.db_identity(c)} collection={c.collection} "
+            f"state_root={cfg.path(c, c.state_root)} embed_model={c.embed_model} chunk_chars={c.chunk_chars} "
+            f"overlap_chars={c.overlap_chars} min_chunk_chars={c.min_chunk_chars} schema_hash={cfg.schema_hash(c)}")
+
+
+# ---- commands ----------------------------------------------------------------------
+
+def cmd_build(c: cfg.Config, args) -> int:
+    from .build import build
+    summary = build(c)
+    for key, value in _fields(summary).items():
+        print(f"{key}={value}")
+    if summary.docs_processed == 0 and summary.chunks_deleted == 0:
+        print("[BUILD] up to date: nothing embedded, nothing deleted")
+    return 0
+
+
+def cmd_status(c: cfg.Config, args) -> int:
+    from .status import status
+    report = status(c)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}")
+    return 0
+
+
+def cmd_verify(c: cfg.Config, args) -> int:
+    from .verify import verify, write_junit, write_report
+    result = verify(c, fresh=args.fresh)
+    for check in result.checks:
+        print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+    if args.report:
+        write_report(result, args.report)
+    if args.junit:
+        write_junit(result, args.junit)
+    if result.ok:
+        print("verify: ok")
+        return 0
+    print(f"verify: FAILED ({', '.join(ch.name for ch in result.checks if not ch.ok)})", file=sys.stderr)
+    print(f"fix: {result.fix}", file=sys.stderr)
+    return 1
+
+
+def cmd_clean_wal(c: cfg.Config, args) -> int:
+    from .clean import clean_wal
+    print(clean_wal(c, force=args.force, archive=args.archive))
+    return 0
+
+
+def _fields(struct) -> dict:
+    import msgspec
+    return msgspec.to_builtins(struct)
+
+
+COMMANDS = {
+    "build": (cmd_build, "build or resume the index"),
+    "resume-status": (cmd_status, "read-only report of the state, the WAL and what a build would do"),
+    "verify": (cmd_verify, "check that the collection matches the manifest (CI gate)"),
+    "clean-wal": (cmd_clean_wal, "remove or archive the WAL of a finished run"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="chroma-resume", description=__doc__.splitlines()[0])
+    subs = top.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        for option, kind, option_help in OPTIONS:
+            dest = option.replace("-", "_")
+            if isinstance(kind, tuple):
+                sub.add_argument(f"--{option}", dest=dest, choices=kind, help=option_help)
+            else:
+                sub.add_argument(f"--{option}", dest=dest, type=int if kind is int else str,
+                                 metavar="true|false" if kind == "bool" else None, help=option_help)
+        if name == "resume-status":
+            sub.add_argument("--json", action="store_true", help="one JSON object instead of key=value lines")
+        if name == "verify":
+            sub.add_argument("--fresh", action="store_true", help="also fail when the corpus changed since the manifest")
+            sub.add_argument("--report", metavar="FILE.json", help="write the checks as JSON")
+            sub.add_argument("--junit", metavar="FILE.xml", help="write the checks as JUnit XML")
+        if name == "clean-wal":
+            sub.add_argument("--force", action="store_true", help="also remove an unfinished run's WAL")
+            sub.add_argument("--archive", metavar="DIR", help="gzip the WAL into DIR instead of deleting it")
+    return top
+
+
+def run(command: str, options: dict, extra, out_config: bool = True) -> int:
+    """Shared by the CLI and dodo.py: resolve the config, show it, run the command."""
+    try:
+        c = resolve_config(options)
+        if out_config:
+            print(describe(c), flush=True)
+        return COMMANDS[command][0](c, extra)
+    except ChromaResumeError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted at once (second signal); the WAL is intact, rerun to resume", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    options = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in OPTIONS}
+    return run(args.command, options, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

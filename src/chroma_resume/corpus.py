@@ -1,0 +1,194 @@
+"""Documents from a folder or a units JSONL, streamed one at a time.
+
+Every document is read once to plan (its hash) and once more only if it must be
+embedded; the second read re-hashes, so the text that was hashed is the text
+that was embedded even if the file changed in between.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+
+import msgspec
+
+from . import config as cfg
+from .config import Config
+from .errors import UsageError
+
+
+class Document(msgspec.Struct, kw_only=True):
+    uri: str
+    doc_id: str
+    content_sha256: str
+    source_type: str
+    updated_at: str = ""
+    text: str = ""
+    metadata: dict = msgspec.field(default_factory=dict)
+
+
+Warn = Callable[..., None]
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def doc_id_for(uri: str) -> str:
+    return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:16]
+
+
+def source_path(c: Config) -> str:
+    """The corpus location; missing is a usage error that names the path."""
+    given = c.docs or c.units
+    if not given:
+        raise UsageError("no corpus: give --docs DIR or --units FILE.jsonl")
+    location = cfg.path(c, given)
+    if c.docs and not os.path.isdir(location):
+        raise UsageError(f"corpus folder not found: {location}")
+    if c.units and not os.path.isfile(location):
+        raise UsageError(f"units file not found: {location}")
+    return location
+
+
+def scan(c: Config, warn: Warn, only: set[str] | None = None) -> Iterator[Document]:
+    """Yield the corpus documents in a stable order (only those in `only`, if given)."""
+    if c.units:
+        yield from _units(c, source_path(c), only)
+    else:
+        yield from _folder(c, source_path(c), warn, only)
+
+
+# ---- folder corpus -------------------------------------------------------------------
+
+def _folder(c: Config, root: str, warn: Warn, only: set[str] | None) -> Iterator[Document]:
+    for full, uri in _walk(root, c.include, c.exclude, warn):
+        if only is not None and uri not in only:
+            continue
+        doc = _read_file(c, full, uri, warn)
+        if doc is not None:
+            yield doc
+
+
+def _walk(root: str, include: Iterable[str], exclude: Iterable[str], warn: Warn) -> Iterator[tuple[str, str]]:
+    """Depth-first, sorted, symlink-aware: links leaving the root and loops are skipped."""
+    real_root = os.path.realpath(root)
+    seen_dirs = {real_root}
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            names = sorted(os.listdir(folder), reverse=True)
+        except OSError as exc:
+            warn("unreadable_dir", path=folder, error=exc.strerror)
+            continue
+        for name in names:
+            full = os.path.join(folder, name)
+            uri = f"{rel}/{name}" if rel else name
+            if any(fnmatch.fnmatch(uri, p) or fnmatch.fnmatch(name, p) for p in exclude):
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if not os.path.exists(target):
+                    warn("broken_symlink", path=uri)
+                    continue
+                if os.path.commonpath([real_root, target]) != real_root:
+                    warn("symlink_outside_root", path=uri, target=target)
+                    continue
+            if os.path.isdir(full):
+                real = os.path.realpath(full)
+                if real in seen_dirs:
+                    warn("symlink_loop", path=uri)
+                    continue
+                seen_dirs.add(real)
+                stack.append((full, uri))
+            elif any(fnmatch.fnmatch(name, p) for p in include):
+                yield full, uri
+
+
+def _read_file(c: Config, full: str, uri: str, warn: Warn) -> Document | None:
+    try:
+        info = os.stat(full)
+        if not stat.S_ISREG(info.st_mode):
+            return _skip(c, warn, "not_regular_file", uri, "not a regular file")
+        with open(full, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return _skip(c, warn, "unreadable", uri, exc.strerror or str(exc))
+    if b"\x00" in data:
+        return _skip(c, warn, "binary_file", uri, "contains NUL bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _skip(c, warn, "not_utf8", uri, f"invalid UTF-8 at byte {exc.start}")
+    text = text.removeprefix("\ufeff")
+    updated = dt.datetime.fromtimestamp(info.st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    ext = os.path.splitext(uri)[1].lstrip(".").lower() or "text"
+    return Document(uri=uri, doc_id=doc_id_for(uri), content_sha256=sha256_text(text),
+                    source_type=ext, updated_at=updated, text=text)
+
+
+def _skip(c: Config, warn: Warn, key: str, uri: str, reason: str) -> None:
+    if c.on_read_error == "fail":
+        raise UsageError(f"{uri}: {reason} (--on-read-error fail)")
+    warn(key, path=uri, reason=reason)
+    return None
+
+
+# ---- units JSONL ---------------------------------------------------------------------
+
+class _Unit(msgspec.Struct):
+    source_uri: str
+    text: str
+    doc_id: str | None = None
+    content_sha256: str | None = None
+    source_type: str | None = None
+    updated_at: str | None = None
+    metadata: dict | None = None
+
+
+_unit_decoder = msgspec.json.Decoder(_Unit)
+
+
+def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document]:
+    """Validate the whole file before yielding, so bad input stops the run before any write."""
+    errors: list[str] = []
+    first_line: dict[str, int] = {}
+    with open(location, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                unit = _unit_decoder.decode(raw)
+            except msgspec.DecodeError as exc:
+                errors.append(f"{location}:{lineno}: {exc}")
+                continue
+            if unit.source_uri in first_line:
+                errors.append(f"{location}:{lineno}: duplicate source_uri {unit.source_uri!r} "
+                              f"(first on line {first_line[unit.source_uri]})")
+                continue
+            first_line[unit.source_uri] = lineno
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise UsageError(f"units file has {len(errors)} bad line(s):\n  {shown}{more}")
+    with open(location, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            unit = _unit_decoder.decode(raw)
+            if only is not None and unit.source_uri not in only:
+                continue
+            yield Document(
+                uri=unit.source_uri,
+                doc_id=unit.doc_id or doc_id_for(unit.source_uri),
+                content_sha256=sha256_text(unit.text),
+                source_type=unit.source_type or "unit",
+                updated_at=unit.updated_at or "",
+                text=unit.text,
+                metadata={k: v for k, v in (unit.metadata or {}).items()
+                          if isinstance(v, (str, int, float, bool))},
+            )

@@ -1,0 +1,160 @@
+"""Durable state beside the WAL: the manifest, LATEST, and the writer lock.
+
+Manifest and LATEST are replaced atomically (temp file, fsync, os.replace, fsync
+the directory), so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import socket
+
+import msgspec
+
+from . import failpoints
+from .errors import LockHeld, RuntimeFailure, UsageError
+
+MANIFEST_NAME = "index_state.json"
+LATEST_NAME = "LATEST"
+LOCK_NAME = "writer.lock"
+MANIFEST_VERSION = 1
+
+
+class DocEntry(msgspec.Struct, kw_only=True):
+    doc_id: str
+    content_sha256: str
+    n_chunks: int
+    source_type: str = ""
+    updated_at: str = ""
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    version: int = MANIFEST_VERSION
+    schema_hash: str
+    collection: str
+    db: str
+    dim: int | None = None
+    config: dict = {}
+    documents: dict[str, DocEntry] = {}
+    last_build: dict = {}
+
+    @property
+    def expected_chunks(self) -> int:
+        return sum(d.n_chunks for d in self.documents.values())
+
+
+def chunk_id(doc_id: str, content_sha256: str, index: int) -> str:
+    """A generation's ids: re-upserting it is idempotent, a new generation never overwrites it."""
+    return f"{doc_id}:{content_sha256[:12]}:{index}"
+
+
+def generation_ids(doc_id: str, content_sha256: str, n_chunks: int) -> list[str]:
+    return [chunk_id(doc_id, content_sha256, i) for i in range(n_chunks)]
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- manifest and LATEST ---------------------------------------------------------------
+
+def load_manifest(path: str) -> Manifest | None:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return msgspec.json.decode(data, type=Manifest)
+    except msgspec.DecodeError as exc:
+        raise UsageError(f"corrupt manifest {path}: {exc}. It is never rebuilt silently: "
+                         f"restore it, or delete it and rebuild with --on-missing-state reset") from None
+
+
+def write_manifest(path: str, manifest: Manifest) -> None:
+    data = msgspec.json.format(msgspec.json.encode(manifest), indent=1)
+    failpoints.fire("manifest.before_replace")
+    atomic_write(path, data + b"\n")
+    failpoints.fire("manifest.after_replace")
+
+
+def read_latest(collection_dir: str) -> str | None:
+    try:
+        with open(os.path.join(collection_dir, LATEST_NAME), encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def write_latest(collection_dir: str, schema_hash: str) -> None:
+    atomic_write(os.path.join(collection_dir, LATEST_NAME), schema_hash.encode() + b"\n")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+# ---- writer lock ----------------------------------------------------------------------
+
+class WriterLock:
+    """flock on writer.lock: the OS releases it when the holder dies, so a crash never wedges."""
+
+    def __init__(self, state_dir: str, run_id: str):
+        self.path = os.path.join(state_dir, LOCK_NAME)
+        self.run_id = run_id
+        self.fd = -1
+
+    def __enter__(self) -> "WriterLock":
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot open lock {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(self.fd)
+            os.close(self.fd)
+            raise LockHeld(f"another writer holds {self.path}: {holder}") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "started_at": now_iso()}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        failpoints.fire("lock.acquired")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = -1
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return " ".join(f"{k}={info.get(k)}" for k in ("pid", "host", "run_id", "started_at"))
+    except ValueError:
+        return "holder unknown"
