@@ -24,7 +24,7 @@ from . import corpus, embedding, failpoints, state, store, wal
 from .chunking import chunk_text
 from .config import Config
 from .errors import CheckFailed, ChromaResumeError, Interrupted, UsageError, WalCorrupt
-from .plan import DocAction, Generation, Plan, make_plan, resume_decision
+from .plan import DocAction, Generation, Plan, ResumeDecision, make_plan, resume_decision
 from .reporting import Progress, Warnings
 
 
@@ -94,8 +94,8 @@ class _Run:
         c, p = self.c, self.p
         manifest = state.load_manifest(p["manifest"])
         replay = wal.read(p["wal"])
-        decision = resume_decision(replay, mode=c.resume, schema_hash=self.schema,
-                                   collection=c.collection, db=cfg.db_identity(c))
+        decision = resume_decision(replay, mode=c.resume, schema_hash=self.schema, collection=c.collection,
+                                   db=cfg.db_identity(c), manifest_run_id=manifest.last_build.get("run_id") if manifest else None)
         if c.resume == "force" and not decision.active:
             raise WalCorrupt(f"--resume force: cannot resume ({decision.reason}) from {p['wal']}")
         latest = state.read_latest(p["collection_dir"])
@@ -103,17 +103,19 @@ class _Run:
         if schema_changed and c.schema_change == "fail":
             raise UsageError(f"schema changed: LATEST is {latest}, this configuration is {self.schema} "
                              f"(--schema-change fail); use --schema-change reset to rebuild")
+        if schema_changed:  # the collection holds another schema's vectors: rebuild, never resume
+            manifest = None
+            if decision.active:
+                decision = ResumeDecision(False, f"latest_schema_is_{latest}")
         docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, self.warn)]
         self.refs = {d.uri: d for d in docs}
-        if schema_changed and not decision.active:
-            manifest = None  # the collection will be rebuilt for this schema
         plan = make_plan(docs, manifest.documents if manifest else {},
                          replay if decision.active else None, c.sync_mode)
         self._stage_line(decision, replay)
         if plan.to_embed:
             self.embedder = embedding.load(c)  # exit 2 before anything is written
         db = store.open_store(c)
-        if schema_changed and not decision.active:
+        if schema_changed:
             db = db.reset()
             self.warn("schema_reset", collection=c.collection, old=latest, new=self.schema)
         elif manifest is None and not decision.active and db.count() > 0:
@@ -121,7 +123,7 @@ class _Run:
         if latest != self.schema:
             state.write_latest(p["collection_dir"], self.schema)
         self.db = db
-        self._open_wal(replay, decision.active)
+        self._open_wal(replay, decision)
         try:
             return self._run_plan(plan, manifest, started)
         except Interrupted:
@@ -167,10 +169,10 @@ class _Run:
         return s
 
     # ---- WAL -------------------------------------------------------------------------
-    def _open_wal(self, replay: wal.Replay | None, resuming: bool) -> None:
-        c, path = self.c, self.p["wal"]
+    def _open_wal(self, replay: wal.Replay | None, decision) -> None:
+        c, path, resuming = self.c, self.p["wal"], decision.active
         if replay is not None and not resuming:
-            self._retire_wal(replay)
+            self._retire_wal(replay, decision.reason)
         if not c.wal:
             return
         if resuming:
@@ -187,9 +189,9 @@ class _Run:
                 db=cfg.db_identity(c), sync_mode=c.sync_mode, config=cfg.snapshot(c),
                 pid=os.getpid(), host=socket.gethostname()))
 
-    def _retire_wal(self, replay: wal.Replay) -> None:
+    def _retire_wal(self, replay: wal.Replay, decision_reason: str) -> None:
         """A finished WAL is stale: remove it. An unfinished one we will not resume: set it aside."""
-        if replay.finished_ok:
+        if decision_reason == "wal_finished_ok":
             os.unlink(replay.path)
             return
         run_id = replay.start.run_id if replay.start else "unknown"
@@ -394,7 +396,8 @@ class _Run:
         state.write_manifest(self.p["manifest"], state.Manifest(
             schema_hash=self.schema, collection=self.c.collection, db=cfg.db_identity(self.c), dim=dim,
             config=cfg.snapshot(self.c), documents=documents,
-            last_build={**msgspec.to_builtins(self.summary), "finished_at": state.now_iso(),
+            last_build={**msgspec.to_builtins(self.summary), "run_id": self.writer.run_id if self.writer else "",
+                        "finished_at": state.now_iso(),
                         "warn_count": self.warn.count}))
 
     def _stage_line(self, decision, replay: wal.Replay | None) -> None:

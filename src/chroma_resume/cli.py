@@ -119,7 +119,7 @@ def cmd_status(c: cfg.Config, args) -> int:
         print(json.dumps(report))
     else:
         for key, value in report.items():
-            print(f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}")
+            print(f"{key}={json.dumps(value) if isinstance(value, (list, dict, bool)) else value}")
     return 0
 
 

@@ -103,11 +103,15 @@ class ResumeDecision(msgspec.Struct, frozen=True):
     reason: str
 
 
-def resume_decision(replay: Replay | None, *, mode: str, schema_hash: str, collection: str, db: str) -> ResumeDecision:
-    """Whether a build would continue the WAL's run, and why (shared by build and status)."""
+def resume_decision(replay: Replay | None, *, mode: str, schema_hash: str, collection: str, db: str,
+                    manifest_run_id: str | None) -> ResumeDecision:
+    """Whether a build would continue the WAL's run, and why (shared by build and status).
+
+    A WAL that finished ok is stale only once the manifest of that run is written: a
+    crash between RUN_FINISH and the manifest's replace must not forget the run."""
     if replay is None or replay.start is None:
         return ResumeDecision(False, "no_wal")
-    if replay.finished_ok:
+    if replay.finished_ok and manifest_run_id == replay.start.run_id:
         return ResumeDecision(False, "wal_finished_ok")
     if mode == "off":
         return ResumeDecision(False, "resume_off")

@@ -1,0 +1,82 @@
+"""doit front door for chroma-resume: `doit list` shows the tasks, `doit help TASK` their options.
+
+Every task resolves the same configuration (built-in defaults < [tool.chroma-resume]
+in pyproject.toml < task options) and calls the package; nothing is implemented here.
+"""
+import os
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from chroma_resume import cli  # noqa: E402
+
+DOIT_CONFIG = {
+    "default_tasks": ["build"],
+    "backend": "sqlite3",
+    "dep_file": ".doit.db",
+    "verbosity": 2,  # stream progress live instead of capturing it
+}
+
+
+def _params(*extra: dict) -> list[dict]:
+    shared = [{"name": name.replace("-", "_"), "long": name, "type": int if kind is int else str,
+               "default": None, "help": help_text + (f" [{'|'.join(kind)}]" if isinstance(kind, tuple) else "")}
+              for name, kind, help_text in cli.OPTIONS]
+    return shared + list(extra)
+
+
+def _flag(name: str, help_text: str) -> dict:
+    return {"name": name, "long": name, "type": bool, "default": False, "help": help_text}
+
+
+def _value(name: str, help_text: str) -> dict:
+    return {"name": name, "long": name, "type": str, "default": None, "help": help_text}
+
+
+def _action(command: str, extra_names: tuple[str, ...] = ()):
+    def run(task):
+        options = {k: v for k, v in task.options.items() if k not in extra_names}
+        extra = SimpleNamespace(**{k: task.options[k] for k in extra_names})
+        return cli.run(command, options, extra) == 0
+    return run
+
+
+def _build_is_current(task, values):
+    options = {k: v for k, v in task.options.items()}
+    try:
+        from chroma_resume.status import up_to_date
+        current, _ = up_to_date(cli.resolve_config(options))
+    except Exception:  # a bad option or input: let the action run and report it properly
+        return False
+    return current
+
+
+def task_build():
+    """Build or resume the Chroma index of the corpus (up to date when nothing changed)."""
+    return {"actions": [_action("build")], "params": _params(), "uptodate": [_build_is_current]}
+
+
+def task_resume_status():
+    """Read-only report of manifest, WAL and what the next build would resume."""
+    return {"basename": "resume-status", "actions": [_action("resume-status", ("json",))],
+            "params": _params(_flag("json", "one JSON object instead of key=value lines")),
+            "uptodate": [False], "verbosity": 2}
+
+
+def task_verify():
+    """CI gate: fail unless the collection matches the manifest exactly."""
+    return {"actions": [_action("verify", ("fresh", "report", "junit"))],
+            "params": _params(_flag("fresh", "also fail when the corpus changed since the manifest"),
+                              _value("report", "write the checks as JSON to FILE"),
+                              _value("junit", "write the checks as JUnit XML to FILE")),
+            "uptodate": [False]}
+
+
+def task_clean_wal():
+    """Remove or archive the WAL of a finished run (--force for an unfinished one)."""
+    return {"basename": "clean-wal", "actions": [_action("clean-wal", ("force", "archive"))],
+            "params": _params(_flag("force", "also remove an unfinished run's WAL"),
+                              _value("archive", "gzip the WAL into DIR instead of deleting it")),
+            "uptodate": [False]}

@@ -1,0 +1,40 @@
+"""clean-wal: remove or archive a WAL, under the writer lock, refusing unfinished runs unless forced."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import uuid
+
+from . import state, wal
+from .build import paths
+from .config import Config
+from .errors import UsageError, WalCorrupt
+
+
+def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> str:
+    p = paths(c)
+    path = p["wal"]
+    if not os.path.exists(path):
+        return f"no WAL at {path}: nothing to clean"
+    with state.WriterLock(p["state_dir"], run_id=f"clean-wal-{uuid.uuid4().hex[:6]}"):
+        try:
+            replay = wal.read(path)
+            run_id, finished, committed = replay.start.run_id, replay.finished_ok, replay.docs_committed
+        except WalCorrupt as exc:
+            if not force:
+                raise UsageError(f"{exc}\nclean-wal refuses a corrupt WAL without --force") from None
+            run_id, finished, committed = "unreadable", False, 0
+        if not finished and not force:
+            raise UsageError(
+                f"WAL {path} belongs to unfinished run {run_id}: {committed} committed document(s) would be "
+                f"forgotten and re-embedded. Run the build to resume it, or pass --force")
+        if archive:
+            os.makedirs(archive, exist_ok=True)
+            target = os.path.join(archive, f"index_state.stage.{run_id}.jsonl.gz")
+            with open(path, "rb") as src, gzip.open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.unlink(path)
+            return f"archived WAL of run {run_id} ({'finished' if finished else 'UNFINISHED'}) to {target}"
+        os.unlink(path)
+        return f"removed WAL {path} of run {run_id} ({'finished' if finished else 'UNFINISHED, forced'})"

@@ -1,0 +1,99 @@
+"""Read-only report: what the state, the manifest and the WAL say, and what a build would do.
+
+Loads no model, imports no chromadb, takes no lock, creates and changes no file.
+"""
+from __future__ import annotations
+
+import os
+
+from . import config as cfg
+from . import state, wal
+from .build import paths
+from .config import Config
+from .errors import ChromaResumeError
+from .plan import resume_decision
+
+
+def status(c: Config) -> dict:
+    p = paths(c)
+    schema = cfg.schema_hash(c)
+    report: dict = {
+        "db_path": cfg.db_identity(c), "collection": c.collection, "schema_hash": schema,
+        "latest_schema_hash": state.read_latest(p["collection_dir"]) or "",
+        "state_file": p["manifest"], "state_present": os.path.exists(p["manifest"]),
+        "wal_path": p["wal"], "wal_present": os.path.exists(p["wal"]),
+    }
+    manifest = None
+    try:
+        manifest = state.load_manifest(p["manifest"])
+    except ChromaResumeError as exc:
+        report["state_error"] = str(exc)
+    report["state_docs"] = len(manifest.documents) if manifest else 0
+    report["state_expected_chunks"] = manifest.expected_chunks if manifest else 0
+    try:
+        replay = wal.read(p["wal"])
+    except ChromaResumeError as exc:
+        replay = None
+        report["wal_error"] = str(exc)
+    start = replay.start if replay else None
+    report.update({
+        "wal_run_id": start.run_id if start else "",
+        "wal_version": start.wal_version if start else "",
+        "wal_finished_ok": bool(replay and replay.finished_ok),
+        "wal_last_event": replay.last_event if replay else "",
+        "wal_truncated_tail_ignored": bool(replay and replay.truncated_tail),
+        "wal_docs_committed": replay.docs_committed if replay else 0,
+        "wal_committed_batches": replay.committed_batches if replay else 0,
+        "wal_upsert_rows_committed_total": replay.chunks_upserted_total if replay else 0,
+        "resume_mode": c.resume,
+    })
+    if "wal_error" in report:
+        report["resume_active"], report["resume_reason"] = False, "wal_corrupt(build exits 4)"
+    else:
+        decision = resume_decision(replay, mode=c.resume, schema_hash=schema, collection=c.collection,
+                                   db=cfg.db_identity(c),
+                                   manifest_run_id=manifest.last_build.get("run_id") if manifest else None)
+        report["resume_active"], report["resume_reason"] = decision.active, decision.reason
+    report["samples"] = _samples(replay, manifest)
+    return report
+
+
+def _samples(replay: wal.Replay | None, manifest: state.Manifest | None) -> list[dict]:
+    """Up to three documents: the WAL's committed ones first, else the manifest's."""
+    out: list[dict] = []
+    if replay:
+        for uri, gens in replay.generations.items():
+            for sha, g in gens.items():
+                if g.committed and len(out) < 3:
+                    out.append({"uri": uri, "doc_id": g.doc_id, "content_sha256": sha, "n_chunks": g.n_chunks,
+                                "source": "wal"})
+    if not out and manifest:
+        for uri, d in list(manifest.documents.items())[:3]:
+            out.append({"uri": uri, "doc_id": d.doc_id, "content_sha256": d.content_sha256,
+                        "n_chunks": d.n_chunks, "source": "manifest"})
+    return out
+
+
+def up_to_date(c: Config) -> tuple[bool, str]:
+    """True when a build would have nothing to do: manifest current, no WAL, corpus unchanged.
+
+    Costs one read and hash per document and opens no database, so `doit build` on every
+    push is nearly free."""
+    from . import corpus
+    from .reporting import Warnings
+
+    p = paths(c)
+    if os.path.exists(p["wal"]):
+        return False, "a WAL is pending"
+    if state.read_latest(p["collection_dir"]) != cfg.schema_hash(c):
+        return False, "LATEST differs from this configuration's schema"
+    try:
+        manifest = state.load_manifest(p["manifest"])
+    except ChromaResumeError as exc:
+        return False, str(exc)
+    if manifest is None or manifest.db != cfg.db_identity(c):
+        return False, "no manifest for this database"
+    with open(os.devnull, "w") as quiet:
+        current = {d.uri: d.content_sha256 for d in corpus.scan(c, Warnings(stream=quiet))}
+    recorded = {uri: entry.content_sha256 for uri, entry in manifest.documents.items()}
+    return (current == recorded, "corpus unchanged" if current == recorded else "corpus changed")
