@@ -1,0 +1,62 @@
+"""Shared helpers: run the real CLI in a subprocess, make corpora, read Chroma back."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone "
+         "cloud harbor lantern meadow orbit signal vector index chunk").split()
+
+
+def write_corpus(folder: Path, n: int, seed: int = 0, sizes=(40, 250, 700)) -> dict[str, str]:
+    """n markdown documents of mixed sizes (some span several chunks); returns uri -> text."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = {}
+    for i in range(n):
+        words = [rng.choice(WORDS) + ("." if rng.random() < 0.12 else "") for _ in range(rng.choice(sizes))]
+        uri = f"doc{i:04d}.md"
+        texts[uri] = " ".join(words) + "\n"
+        (folder / uri).write_text(texts[uri], encoding="utf-8")
+    return texts
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The real command line, as a user runs it; failpoints travel in env."""
+    full_env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
+    full_env.update({"HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run([sys.executable, "-m", "chroma_resume", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def collection_rows(db: Path, name: str) -> dict[str, tuple]:
+    """id -> (document, metadata, embedding as tuple) straight from Chroma."""
+    import chromadb
+
+    client = chromadb.PersistentClient(path=str(db))
+    got = client.get_collection(name).get(include=["documents", "metadatas", "embeddings"])
+    return {i: (d, m, tuple(round(float(x), 6) for x in e))
+            for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])}
+
+
+def summary(stdout: str) -> dict[str, str]:
+    """The key=value lines a build prints."""
+    return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line and not line.startswith("["))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A folder with a 12-document corpus in ./corpus."""
+    write_corpus(tmp_path / "corpus", 12)
+    return tmp_path
+
+
+# Options for fast builds with the deterministic stand-in embedder.
+HASH_BUILD = ["--docs", "corpus", "--collection", "test", "--embed-model", "hash:32", "--upsert-batch", "16",
+              "--progress", "off"]
