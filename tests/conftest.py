@@ -38,7 +38,9 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
 def collection_rows(db: Path, name: str) -> dict[str, tuple]:
     """id -> (document, metadata, embedding as tuple) straight from Chroma."""
     import chromadb
+    from chromadb.api.client import SharedSystemClient
 
+    SharedSystemClient.clear_system_cache()  # another process wrote the DB since we last opened it
     client = chromadb.PersistentClient(path=str(db))
     got = client.get_collection(name).get(include=["documents", "metadatas", "embeddings"])
     return {i: (d, m, tuple(round(float(x), 6) for x in e))

@@ -126,11 +126,9 @@ class _Run:
         self._open_wal(replay, decision)
         try:
             return self._run_plan(plan, manifest, started)
-        except Interrupted:
-            self._finish(False, "interrupted")
-            raise
-        except Exception:
-            self._finish_quietly("error")
+        except Exception as exc:
+            reason = {Interrupted: "interrupted", CheckFailed: "strict_sync_mismatch"}.get(type(exc), "error")
+            self._finish_quietly(reason)
             raise
 
     def _missing_state(self, db: store.Store) -> store.Store:
@@ -158,10 +156,12 @@ class _Run:
         self._reconcile(plan, manifest)
         s.expected_chunks = sum(n for _, _, n in self.committed.values())
         s.collection_count = self.db.count()
-        if c.strict_sync and s.collection_count != s.expected_chunks:
-            self._finish(False, "strict_sync_mismatch")
-            raise CheckFailed(f"strict sync: collection holds {s.collection_count} chunks, expected "
-                              f"{s.expected_chunks}; WAL kept at {self.p['wal']}")
+        if c.strict_sync:
+            actual, expected = self.db.all_ids(), self._expected_ids()
+            if actual != expected:
+                raise CheckFailed(f"strict sync: collection holds {len(actual)} chunks, expected {len(expected)} "
+                                  f"({len(expected - actual)} missing, {len(actual - expected)} orphans); "
+                                  f"WAL kept at {self.p['wal']}")
         self._finish(True, "ok")
         s.elapsed_sec = round(time.monotonic() - started, 3)
         self._write_manifest(plan, manifest)
@@ -222,7 +222,7 @@ class _Run:
         try:
             self._finish(False, reason)
         except ChromaResumeError:
-            pass  # the disk or WAL is what failed; the original error is the one to report
+            pass  # the disk or WAL may be what failed; the original error is the one to report
 
     def _clear_wal(self) -> None:
         if self.writer is None:
@@ -365,7 +365,7 @@ class _Run:
         expected = sum(n for _, _, n in self.committed.values())
         if self.c.sync_mode == "none" or (self.db.count() == expected and not self.c.strict_sync):
             return
-        expected_ids = {i for doc_id, sha, n in self.committed.values() for i in state.generation_ids(doc_id, sha, n)}
+        expected_ids = self._expected_ids()
         actual = self.db.all_ids()
         orphans = sorted(actual - expected_ids)
         if orphans:
@@ -379,6 +379,9 @@ class _Run:
             if self.embedder is None:
                 self.embedder = embedding.load(self.c)
             self._embed(redo, manifest)
+
+    def _expected_ids(self) -> set[str]:
+        return {i for doc_id, sha, n in self.committed.values() for i in state.generation_ids(doc_id, sha, n)}
 
     # ---- outputs ---------------------------------------------------------------------
     def _write_manifest(self, plan: Plan, manifest: state.Manifest | None) -> None:
