@@ -87,6 +87,7 @@ class _Run:
         self.upserted_total = 0
         self.committed: dict[str, tuple[str, str, int]] = {}  # uri -> (doc_id, sha, n_chunks) in Chroma
         self.refs: dict[str, corpus.Document] = {}  # uri -> the corpus document (without text)
+        self.progress = Progress(0, mode="off")
         self.err = err
 
     # ---- the run ---------------------------------------------------------------------
@@ -279,7 +280,7 @@ class _Run:
             return
         c = self.c
         by_uri = {a.uri: a for a in actions}
-        progress = Progress(len(actions), 0, mode=c.progress, stream=self.err)
+        self.progress = progress = Progress(len(actions), mode=c.progress, stream=self.err)
         buffer: deque[_Chunk] = deque()
         for doc in corpus.scan(c, self.warn, only=set(by_uri)):
             action = self._current(by_uri.pop(doc.uri), doc)
@@ -288,7 +289,6 @@ class _Run:
                                    old_content_sha256=action.old_content_sha256, n_chunks=len(texts),
                                    kind=action.kind))
             opened = _OpenDoc(action, len(texts), len(texts))
-            progress.total_chunks += len(texts)
             if not texts:
                 self._doc_committed(opened)
             for i, text in enumerate(texts):
@@ -349,6 +349,7 @@ class _Run:
         self._log(wal.DocDone(uri=a.uri, doc_id=a.doc_id, content_sha256=a.content_sha256))
         self.committed[a.uri] = (a.doc_id, a.content_sha256, opened.n_chunks)
         self.summary.docs_processed += 1
+        self.progress.advance(docs=1)
 
     def _embed_log(self, batch: list[_Chunk]) -> None:
         if self.c.embed_log:

@@ -32,15 +32,15 @@ def _quote(value) -> str:
 
 
 class Progress:
-    """A live bar on a terminal; plain periodic lines when stderr is a log file."""
+    """A live bar on a terminal; plain periodic lines when stderr is a log file.
 
-    def __init__(self, total_docs: int, total_chunks: int, mode: str = "auto",
-                 stream: TextIO = sys.stderr, every_sec: float = 10.0):
-        self.total_docs, self.total_chunks = total_docs, total_chunks
+    Chunk totals are unknown until each document is chunked, so the ETA follows documents."""
+
+    def __init__(self, total_docs: int, mode: str = "auto", stream: TextIO = sys.stderr, every_sec: float = 10.0):
+        self.total_docs = total_docs
         self.stream = stream
-        tty = getattr(stream, "isatty", lambda: False)()
         self.enabled = mode == "on" or (mode == "auto" and total_docs > 0)
-        self.live = tty
+        self.live = getattr(stream, "isatty", lambda: False)()
         self.every_sec = every_sec
         self.started = self.last = time.monotonic()
         self.docs = self.chunks = 0
@@ -63,13 +63,11 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         elapsed = max(now - self.started, 1e-9)
-        rate = self.chunks / elapsed
-        left = max(self.total_chunks - self.chunks, 0)
-        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        line = (f"[PROGRESS] docs={self.docs}/{self.total_docs} chunks={self.chunks}/~{self.total_chunks} "
-                f"rate={rate:.1f}chunks/s eta={eta}")
-        if self.live:
-            self.stream.write("\r" + line + "\x1b[K")
-        else:
-            self.stream.write(line + "\n")
+        docs_rate = self.docs / elapsed
+        eta = f"{(self.total_docs - self.docs) / docs_rate:.0f}s" if docs_rate > 0 else "?"
+        width = 24
+        filled = int(width * self.docs / self.total_docs) if self.total_docs else width
+        line = (f"[PROGRESS] [{'#' * filled}{'.' * (width - filled)}] docs={self.docs}/{self.total_docs} "
+                f"chunks={self.chunks} rate={self.chunks / elapsed:.1f}chunks/s eta={eta}")
+        self.stream.write(("\r" + line + "\x1b[K") if self.live else line + "\n")
         self.stream.flush()
