@@ -114,9 +114,9 @@ def _retry(where: str, what: str, call: Callable):
     for attempt, delay in enumerate((*RETRY_DELAYS, None)):
         try:
             return call()
-        except (ValueError, TypeError):
-            raise
-        except Exception as exc:  # network, server and disk failures alike: bounded retries
+        except TypeError:
+            raise  # a programming error: retrying cannot help
+        except Exception as exc:  # network, server, disk (chromadb says ValueError for "cannot connect")
             if delay is None:
                 raise RuntimeFailure(f"Chroma at {where}: {what} failed after {attempt + 1} attempts: "
                                      f"{type(exc).__name__}: {exc}") from None
