@@ -57,17 +57,11 @@ class _OpenDoc(msgspec.Struct):
     remaining: int
 
 
-def paths(c: Config) -> dict[str, str]:
-    sdir = cfg.state_dir(c)
-    return {"state_dir": sdir, "collection_dir": cfg.collection_dir(c),
-            "manifest": os.path.join(sdir, state.MANIFEST_NAME), "wal": os.path.join(sdir, wal.WAL_NAME)}
-
-
 def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summary:
     """Build or resume the index; raises a ChromaResumeError subclass carrying the exit code."""
     started = time.monotonic()
     corpus.source_path(c)  # a missing corpus is exit 2 before anything is touched
-    p = paths(c)
+    p = state.paths(c)
     schema = cfg.schema_hash(c)
     with state.WriterLock(p["state_dir"], run_id=uuid.uuid4().hex[:12]), _StopOnSignal() as stop:
         run = _Run(c, p, schema, out, err, stop)

@@ -7,13 +7,12 @@ import shutil
 import uuid
 
 from . import state, wal
-from .build import paths
 from .config import Config
 from .errors import UsageError, WalCorrupt
 
 
 def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> str:
-    p = paths(c)
+    p = state.paths(c)
     path = p["wal"]
     if not os.path.exists(path):
         return f"no WAL at {path}: nothing to clean"

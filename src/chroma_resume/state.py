@@ -13,9 +13,11 @@ import socket
 
 import msgspec
 
+from . import config as cfg
 from . import failpoints
 from .errors import LockHeld, RuntimeFailure, UsageError
 
+WAL_NAME = "index_state.stage.jsonl"
 MANIFEST_NAME = "index_state.json"
 LATEST_NAME = "LATEST"
 LOCK_NAME = "writer.lock"
@@ -56,6 +58,13 @@ def generation_ids(doc_id: str, content_sha256: str, n_chunks: int) -> list[str]
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def paths(c: cfg.Config) -> dict[str, str]:
+    """Where this configuration's state lives (DESIGN §2)."""
+    sdir = cfg.state_dir(c)
+    return {"state_dir": sdir, "collection_dir": cfg.collection_dir(c),
+            "manifest": os.path.join(sdir, MANIFEST_NAME), "wal": os.path.join(sdir, WAL_NAME)}
 
 
 # ---- manifest and LATEST ---------------------------------------------------------------

@@ -8,14 +8,13 @@ import os
 
 from . import config as cfg
 from . import state, wal
-from .build import paths
 from .config import Config
 from .errors import ChromaResumeError
 from .plan import resume_decision
 
 
 def status(c: Config) -> dict:
-    p = paths(c)
+    p = state.paths(c)
     schema = cfg.schema_hash(c)
     report: dict = {
         "db_path": cfg.db_identity(c), "collection": c.collection, "schema_hash": schema,
@@ -82,7 +81,7 @@ def up_to_date(c: Config) -> tuple[bool, str]:
     from . import corpus
     from .reporting import Warnings
 
-    p = paths(c)
+    p = state.paths(c)
     if os.path.exists(p["wal"]):
         return False, "a WAL is pending"
     if state.read_latest(p["collection_dir"]) != cfg.schema_hash(c):

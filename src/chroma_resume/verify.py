@@ -9,7 +9,6 @@ import msgspec
 
 from . import config as cfg
 from . import corpus, state, store, wal
-from .build import paths
 from .config import Config
 from .errors import ChromaResumeError
 from .reporting import Warnings
@@ -33,7 +32,7 @@ class VerifyResult(msgspec.Struct):
 
 
 def verify(c: Config, *, fresh: bool = False) -> VerifyResult:
-    p = paths(c)
+    p = state.paths(c)
     schema = cfg.schema_hash(c)
     checks: list[Check] = []
     build_cmd = "doit build (or chroma-resume build)"

@@ -20,7 +20,6 @@ from . import failpoints
 from .errors import RuntimeFailure, WalCorrupt
 
 WAL_VERSION = 1
-WAL_NAME = "index_state.stage.jsonl"
 
 
 class Event(msgspec.Struct, tag_field="t", kw_only=True):  # kw_only: subclasses mix optional and required fields
