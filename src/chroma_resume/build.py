@@ -60,20 +60,21 @@ class _OpenDoc(msgspec.Struct):
 def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summary:
     """Build or resume the index; raises a ChromaResumeError subclass carrying the exit code."""
     started = time.monotonic()
-    corpus.source_path(c)  # a missing corpus is exit 2 before anything is touched
+    warn = Warnings(stream=err)
+    # Read the corpus before taking the lock: bad input is exit 2 before anything is created.
+    docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn)]
     p = state.paths(c)
-    schema = cfg.schema_hash(c)
     with state.WriterLock(p["state_dir"], run_id=uuid.uuid4().hex[:12]), _StopOnSignal() as stop:
-        run = _Run(c, p, schema, out, err, stop)
-        return run.execute(started)
+        run = _Run(c, p, cfg.schema_hash(c), out, err, stop, warn)
+        return run.execute(docs, started)
 
 
 class _Run:
     """One build's working state; lives only inside build()."""
 
-    def __init__(self, c: Config, p: dict, schema: str, out: TextIO, err: TextIO, stop: "_StopOnSignal"):
-        self.c, self.p, self.schema, self.out, self.stop = c, p, schema, out, stop
-        self.warn = Warnings(stream=err)
+    def __init__(self, c: Config, p: dict, schema: str, out: TextIO, err: TextIO, stop: "_StopOnSignal",
+                 warn: Warnings):
+        self.c, self.p, self.schema, self.out, self.stop, self.warn = c, p, schema, out, stop, warn
         self.summary = Summary()
         self.embedder = None
         self.writer: wal.Writer | None = None
@@ -85,7 +86,7 @@ class _Run:
         self.err = err
 
     # ---- the run ---------------------------------------------------------------------
-    def execute(self, started: float) -> Summary:
+    def execute(self, docs: list[corpus.Document], started: float) -> Summary:
         c, p = self.c, self.p
         manifest = state.load_manifest(p["manifest"])
         replay = wal.read(p["wal"])
@@ -102,7 +103,6 @@ class _Run:
             manifest = None
             if decision.active:
                 decision = ResumeDecision(False, f"latest_schema_is_{latest}")
-        docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, self.warn)]
         self.refs = {d.uri: d for d in docs}
         plan = make_plan(docs, manifest.documents if manifest else {},
                          replay if decision.active else None, c.sync_mode)
@@ -276,7 +276,7 @@ class _Run:
         by_uri = {a.uri: a for a in actions}
         self.progress = progress = Progress(len(actions), mode=c.progress, stream=self.err)
         buffer: deque[_Chunk] = deque()
-        for doc in corpus.scan(c, self.warn, only=set(by_uri)):
+        for doc in corpus.scan(c, _already_warned, only=set(by_uri)):
             action = self._current(by_uri.pop(doc.uri), doc)
             texts = chunk_text(doc.text, c.chunk_chars, c.overlap_chars, c.min_chunk_chars)
             self._log(wal.DocBegin(uri=doc.uri, doc_id=doc.doc_id, content_sha256=doc.content_sha256,
@@ -406,6 +406,10 @@ class _Run:
               f"chunks_upserted_total_last={r.chunks_upserted_total if r else 0} "
               f"truncated_tail_ignored={str(bool(replay and replay.truncated_tail)).lower()} "
               f"wal_fsync={self.c.wal_fsync}", file=self.out, flush=True)
+
+
+def _already_warned(*args, **fields) -> None:
+    """The second read of the corpus: its skips were reported by the first."""
 
 
 class _StopOnSignal:

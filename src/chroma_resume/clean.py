@@ -19,7 +19,10 @@ def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> 
     with state.WriterLock(p["state_dir"], run_id=f"clean-wal-{uuid.uuid4().hex[:6]}"):
         try:
             replay = wal.read(path)
-            run_id, finished, committed = replay.start.run_id, replay.finished_ok, replay.docs_committed
+            manifest = state.load_manifest(p["manifest"])
+            manifest_run = manifest.last_build.get("run_id") if manifest else None
+            run_id, committed = replay.start.run_id, replay.docs_committed
+            finished = replay.finished_ok and manifest_run == run_id  # else its manifest was never written
         except WalCorrupt as exc:
             if not force:
                 raise UsageError(f"{exc}\nclean-wal refuses a corrupt WAL without --force") from None

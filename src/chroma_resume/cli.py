@@ -183,12 +183,12 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def run(command: str, options: dict, extra, out_config: bool = True) -> int:
+def run(command: str, options: dict, extra) -> int:
     """Shared by the CLI and dodo.py: resolve the config, show it, run the command."""
     try:
         c = resolve_config(options)
-        if out_config:
-            print(describe(c), flush=True)
+        machine_output = getattr(extra, "json", False)  # keep stdout one JSON object
+        print(describe(c), file=sys.stderr if machine_output else sys.stdout, flush=True)
         return COMMANDS[command][0](c, extra)
     except ChromaResumeError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

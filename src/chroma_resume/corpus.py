@@ -65,7 +65,8 @@ def scan(c: Config, warn: Warn, only: set[str] | None = None) -> Iterator[Docume
 # ---- folder corpus -------------------------------------------------------------------
 
 def _folder(c: Config, root: str, warn: Warn, only: set[str] | None) -> Iterator[Document]:
-    for full, uri in _walk(root, c.include, c.exclude, warn):
+    skip = lambda key, uri, reason: _skip(c, warn, key, uri, reason)  # noqa: E731
+    for full, uri in _walk(root, c.include, c.exclude, skip):
         if only is not None and uri not in only:
             continue
         doc = _read_file(c, full, uri, warn)
@@ -73,7 +74,7 @@ def _folder(c: Config, root: str, warn: Warn, only: set[str] | None) -> Iterator
             yield doc
 
 
-def _walk(root: str, include: Iterable[str], exclude: Iterable[str], warn: Warn) -> Iterator[tuple[str, str]]:
+def _walk(root: str, include: Iterable[str], exclude: Iterable[str], skip: Warn) -> Iterator[tuple[str, str]]:
     """Depth-first, sorted, symlink-aware: links leaving the root and loops are skipped."""
     real_root = os.path.realpath(root)
     seen_dirs = {real_root}
@@ -83,7 +84,7 @@ def _walk(root: str, include: Iterable[str], exclude: Iterable[str], warn: Warn)
         try:
             names = sorted(os.listdir(folder), reverse=True)
         except OSError as exc:
-            warn("unreadable_dir", path=folder, error=exc.strerror)
+            skip("unreadable_dir", rel or ".", exc.strerror or str(exc))
             continue
         for name in names:
             full = os.path.join(folder, name)
@@ -93,15 +94,15 @@ def _walk(root: str, include: Iterable[str], exclude: Iterable[str], warn: Warn)
             if os.path.islink(full):
                 target = os.path.realpath(full)
                 if not os.path.exists(target):
-                    warn("broken_symlink", path=uri)
+                    skip("broken_symlink", uri, "broken symlink")
                     continue
                 if os.path.commonpath([real_root, target]) != real_root:
-                    warn("symlink_outside_root", path=uri, target=target)
+                    skip("symlink_outside_root", uri, f"points outside the corpus root to {target}")
                     continue
             if os.path.isdir(full):
                 real = os.path.realpath(full)
                 if real in seen_dirs:
-                    warn("symlink_loop", path=uri)
+                    skip("symlink_loop", uri, "symlink loop")
                     continue
                 seen_dirs.add(real)
                 stack.append((full, uri))

@@ -35,7 +35,7 @@ def verify(c: Config, *, fresh: bool = False) -> VerifyResult:
     p = state.paths(c)
     schema = cfg.schema_hash(c)
     checks: list[Check] = []
-    build_cmd = "doit build (or chroma-resume build)"
+    build_cmd = "doit -a build (or chroma-resume build)"
     try:
         manifest = state.load_manifest(p["manifest"])
     except ChromaResumeError as exc:
@@ -106,6 +106,9 @@ def _fix(checks: list[Check], build_cmd: str) -> str:
     failed = {ch.name for ch in checks if not ch.ok}
     if "wal" in failed:
         return f"resume the unfinished run with {build_cmd}, or discard it with doit clean-wal --force"
+    if "metadata" in failed or "dimension" in failed:
+        return ("re-embed every document: doit -a build --sync-mode delete-stale "
+                "(or chroma-resume build --sync-mode delete-stale)")
     if failed:
         return f"run {build_cmd} to repair the collection (it deletes orphans and re-embeds missing chunks)"
     return ""

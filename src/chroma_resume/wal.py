@@ -276,8 +276,8 @@ class Writer:
                 os.write(self.fd, record[: len(record) // 2])
                 failpoints.kill_self()
             written = os.write(self.fd, record)
-            if written != len(record):
-                raise OSError(28, f"short write ({written} of {len(record)} bytes)")
+            if written != len(record):  # only a full disk or quota does this; the retry raises its errno
+                os.write(self.fd, record[written:])
         except OSError as exc:
             raise RuntimeFailure(f"cannot append {tag} to WAL {self.path}: {exc.strerror or exc}") from None
         self.seq += 1
