@@ -1,6 +1,7 @@
 """Shared helpers: run the real CLI in a subprocess, make corpora, read Chroma back."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -35,16 +36,22 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def collection_rows(db: Path, name: str) -> dict[str, tuple]:
-    """id -> (document, metadata, embedding as tuple) straight from Chroma."""
-    import chromadb
-    from chromadb.api.client import SharedSystemClient
+_READ_ROWS = """
+import json, sys, chromadb
+got = chromadb.PersistentClient(path=sys.argv[1]).get_collection(sys.argv[2]).get(
+    include=["documents", "metadatas", "embeddings"])
+rows = {i: [d, m, [round(float(x), 6) for x in e]]
+        for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])}
+print(json.dumps(rows))
+"""
 
-    SharedSystemClient.clear_system_cache()  # another process wrote the DB since we last opened it
-    client = chromadb.PersistentClient(path=str(db))
-    got = client.get_collection(name).get(include=["documents", "metadatas", "embeddings"])
-    return {i: (d, m, tuple(round(float(x), 6) for x in e))
-            for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])}
+
+def collection_rows(db: Path, name: str) -> dict[str, tuple]:
+    """id -> (document, metadata, embedding tuple), read in a fresh process: a chromadb client kept
+    in this process can serve stale segments after another process wrote the DB."""
+    out = subprocess.run([sys.executable, "-c", _READ_ROWS, str(db), name], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return {i: (d, m, tuple(e)) for i, (d, m, e) in json.loads(out).items()}
 
 
 def summary(stdout: str) -> dict[str, str]:
