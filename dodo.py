@@ -80,3 +80,27 @@ def task_clean_wal():
             "params": _params(_flag("force", "also remove an unfinished run's WAL"),
                               _value("archive", "gzip the WAL into DIR instead of deleting it")),
             "uptodate": [False]}
+
+
+def task_crash_matrix():
+    """Crash matrix (fault_injection/): kill builds at engine boundaries, recover, compare with a clean build."""
+    import shlex
+    from doit.action import CmdAction
+
+    def command(scenario, points, workers, report, real_model_rows, seed):
+        args = [sys.executable, "-m", "fault_injection", "--workers", str(workers),
+                "--real-model-rows", str(real_model_rows), "--seed", str(seed)]
+        args += [arg for name in scenario for arg in ("--scenario", name)]
+        args += ["--points", points] if points else []
+        args += ["--report", report] if report else []
+        return shlex.join(args)
+
+    return {"basename": "crash-matrix", "actions": [CmdAction(command)], "uptodate": [False], "verbosity": 2,
+            "params": [{"name": "scenario", "long": "scenario", "type": list, "default": [],
+                        "help": "run only this scenario (repeatable)"},
+                       _value("points", "boundaries per scenario, or all"),
+                       {"name": "workers", "long": "workers", "type": int, "default": 2, "help": "parallel workers"},
+                       _value("report", "write the rows as JSON to FILE"),
+                       {"name": "real_model_rows", "long": "real-model-rows", "type": int, "default": 2,
+                        "help": "rows with the packaged model (0 skips)"},
+                       {"name": "seed", "long": "seed", "type": int, "default": 0, "help": "corpus and sampling seed"}]}

@@ -48,7 +48,7 @@ def fire(name: str, event: str | None = None) -> str | None:
         fd = os.open(_trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(fd, f"{name}:{event or ''}\n".encode())
         os.close(fd)
-    for key in ((name, event), (name, None)):
+    for key in dict.fromkeys(((name, event), (name, None))):  # one key when event is None: count a hit once
         if key not in _points:
             continue
         nth, action, ms = _points[key]
