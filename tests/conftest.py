@@ -1,11 +1,14 @@
 """Shared helpers: run the real CLI in a subprocess, make corpora, read Chroma back."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,32 @@ def collection_rows(db: Path, name: str) -> dict[str, tuple]:
     out = subprocess.run([sys.executable, "-c", _READ_ROWS, str(db), name], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     return {i: (d, m, tuple(e)) for i, (d, m, e) in json.loads(out).items()}
+
+
+@contextlib.contextmanager
+def lock_holder(root: Path, lock: Path, build_args: list[str]):
+    """A build paused right after taking the writer lock (failpoint sleep), yielded once the lock
+    names its pid; SIGKILLed (with its process group) on exit, so the OS releases the lock."""
+    env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
+    env.update(HF_HUB_OFFLINE="1", CHROMA_RESUME_FAILPOINTS="lock.acquired=sleep(8000)")
+    holder = subprocess.Popen([sys.executable, "-m", "chroma_resume", "build", *build_args], cwd=root, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while _lock_pid(lock) != holder.pid:
+            assert holder.poll() is None and time.monotonic() < deadline, "the build never took the lock"
+            time.sleep(0.05)
+        yield holder
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+
+
+def _lock_pid(lock: Path) -> int | None:
+    try:
+        return json.loads(lock.read_text() or "{}").get("pid")
+    except (OSError, ValueError):
+        return None
 
 
 def summary(stdout: str) -> dict[str, str]:

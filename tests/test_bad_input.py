@@ -15,7 +15,7 @@ import pytest
 
 from chroma_resume import config as cfg
 from chroma_resume.chunking import chunk_text
-from conftest import HASH_BUILD, run_cli, summary, write_corpus
+from conftest import HASH_BUILD, lock_holder, run_cli, summary, write_corpus
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -390,31 +390,12 @@ def test_disk_full_message_names_the_cause(tmp_path, small_tmpfs):
 
 @pytest.mark.timeout(60)
 def test_second_writer_exits_3_naming_the_holder(workdir):
-    env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
-    env.update(HF_HUB_OFFLINE="1", CHROMA_RESUME_FAILPOINTS="lock.acquired=sleep(8000)")
-    first = subprocess.Popen([sys.executable, "-m", "chroma_resume", "build", *HASH_BUILD], cwd=workdir, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     lock = state_dir(workdir) / "writer.lock"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if json.loads(lock.read_text() or "{}").get("pid") == first.pid:
-                    break
-            except (OSError, ValueError):
-                pass
-            assert first.poll() is None, "the first build ended before taking the lock"
-            time.sleep(0.05)
-        else:
-            pytest.fail("the first build never wrote its pid into writer.lock")
-
+    with lock_holder(workdir, lock, HASH_BUILD) as first:
         second = build(workdir)
         assert second.returncode == 3, second.stdout + second.stderr
         assert f"pid={first.pid}" in second.stderr and str(lock) in second.stderr
         assert not (state_dir(workdir) / MANIFEST).exists()
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=10)
 
     third = build(workdir)  # the OS released the dead holder's lock
     assert third.returncode == 0, third.stderr

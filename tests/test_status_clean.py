@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from chroma_resume import config as cfg
-from conftest import HASH_BUILD, run_cli, summary
+from conftest import HASH_BUILD, lock_holder, run_cli, summary
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,33 +138,15 @@ def test_status_imports_no_model_library_and_no_chromadb(killed):
 
 @pytest.mark.timeout(60)
 def test_status_ignores_and_clean_wal_honours_a_held_writer_lock(killed):
-    env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
-    env.update(HF_HUB_OFFLINE="1", CHROMA_RESUME_FAILPOINTS="lock.acquired=sleep(8000)")
-    holder = subprocess.Popen([sys.executable, "-m", "chroma_resume", "build", *HASH_BUILD], cwd=killed, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     lock = state_dir(killed) / "writer.lock"
     wal_bytes = wal_path(killed).read_bytes()
-    try:
-        deadline = time.monotonic() + 30
-        while holder_pid(lock) != holder.pid:
-            assert holder.poll() is None and time.monotonic() < deadline, "the build never took the lock"
-            time.sleep(0.05)
+    with lock_holder(killed, lock, HASH_BUILD) as holder:
         seen = status(killed)
         assert seen.returncode == 0 and key_values(seen.stdout)["resume_active"] == "true"
         refused = clean(killed, "--force")
         assert refused.returncode == 3, refused.stdout + refused.stderr
         assert f"pid={holder.pid}" in refused.stderr
         assert wal_path(killed).read_bytes() == wal_bytes
-    finally:
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait(timeout=10)
-
-
-def holder_pid(lock: Path) -> int | None:
-    try:
-        return json.loads(lock.read_text() or "{}").get("pid")
-    except (OSError, ValueError):
-        return None
 
 
 # ---- clean-wal --------------------------------------------------------------------------
