@@ -11,6 +11,7 @@ no timing assertions: the targets are printed for the reader to judge.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -38,6 +39,17 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 # ---- corpora -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def spying(owner, name: str, wrap):
+    """Replace owner.name by wrap(original) for the block: the build's own calls get measured."""
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 def _paragraphs(rng: random.Random, chars: int, para_chars: tuple[int, int] = (200, 700)) -> str:
     """Sentences in paragraphs, so the chunker finds natural boundaries as in real text."""
@@ -128,20 +140,18 @@ def bench_overhead(root: Path, docs: int, embed_batch: int, upsert_batch: int, r
 
     def build_once(i: int) -> dict:
         load, encode, total = _Clock(), _Clock(), _Clock()
-        real_load = embedding.load
 
-        def timed_load(cfg):
-            embedder = load.time(real_load, cfg)
-            real_encode = embedder.encode
-            embedder.encode = lambda texts: encode.time(real_encode, texts)
-            return embedder
+        def timed_load(real_load):
+            def wrapped(cfg):
+                embedder = load.time(real_load, cfg)
+                real_encode = embedder.encode
+                embedder.encode = lambda texts: encode.time(real_encode, texts)
+                return embedder
+            return wrapped
 
-        embedding.load = timed_load
-        try:
+        with spying(embedding, "load", timed_load):
             summary = total.time(quiet_build, config_for(root, f"overhead-{i}", docs=str(corpus_dir),
                                                          embed_batch=embed_batch, upsert_batch=upsert_batch))
-        finally:
-            embedding.load = real_load
         assert summary.chunks_embedded == len(chunks), (summary.chunks_embedded, len(chunks))
         return {"wall": total.wall - load.wall, "cpu": total.cpu - load.cpu, "load": load.wall,
                 "encode_wall": encode.wall}
@@ -211,14 +221,10 @@ def bench_noop(root: Path, docs: int) -> dict:
     assert seen["rc"] == 0, probe.stderr
 
     loads = []
-    real_load = embedding.load
-    embedding.load = lambda cfg: loads.append(cfg) or real_load(cfg)
-    try:
+    with spying(embedding, "load", lambda real: lambda cfg: loads.append(cfg) or real(cfg)):
         t0 = time.perf_counter()
         again = quiet_build(c)
         inproc_sec = time.perf_counter() - t0
-    finally:
-        embedding.load = real_load
     assert not loads and again.chunks_embedded == 0, (len(loads), again.chunks_embedded)
     return {"docs": docs, "first_build_sec": first_sec, "chunks": first.expected_chunks,
             "cli_noop_sec": cli_sec, "python_startup_sec": interp_sec, "inprocess_noop_sec": inproc_sec,
@@ -302,19 +308,17 @@ def bench_split(root: Path, upsert_batch: int | None) -> dict:
     write_corpus(Path(c.root) / "corpus", n_docs, sizes=((1.0, 19500, 19500),), para_chars=(150, 190))
 
     calls: list[int] = []
-    real_upsert = Collection.upsert
 
-    def counted(self, *args, **kw):
-        calls.append(len(kw["ids"]))
-        return real_upsert(self, *args, **kw)
+    def counted(real_upsert):
+        def wrapped(self, *args, **kw):
+            calls.append(len(kw["ids"]))
+            return real_upsert(self, *args, **kw)
+        return wrapped
 
-    Collection.upsert = counted
-    try:
+    with spying(Collection, "upsert", counted):
         t0 = time.perf_counter()
         s = quiet_build(c)
         sec = time.perf_counter() - t0
-    finally:
-        Collection.upsert = real_upsert
     count = store.open_store(c).count()
     assert count == s.expected_chunks and max(calls) <= max_batch, (count, s.expected_chunks, calls)
     return {"max_batch": max_batch, "upsert_batch": batch, "chunks": s.chunks_upserted, "collection_count": count,
