@@ -21,7 +21,7 @@ DOIT_CONFIG = {
 
 
 def _params(*extra: dict) -> list[dict]:
-    shared = [{"name": name.replace("-", "_"), "long": name, "type": int if kind is int else str,
+    shared = [{"name": name.replace("-", "_"), "long": name, "type": kind if kind in (int, float) else str,
                "default": None, "help": help_text + (f" [{'|'.join(kind)}]" if isinstance(kind, tuple) else "")}
               for name, kind, help_text in cli.OPTIONS]
     return shared + list(extra)

@@ -25,12 +25,22 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("db", str, "PersistentClient folder (default .chroma)"),
     ("chroma-host", str, "use a Chroma server (HttpClient) instead of --db"),
     ("chroma-port", int, "Chroma server port (default 8000)"),
+    ("chroma-ssl", "bool", "connect to the Chroma server over HTTPS"),
+    ("chroma-headers-env", str, "name of an environment variable holding the server's auth headers "
+                                "(JSON object) or bearer token; never put secrets on the command line"),
+    ("chroma-tenant", str, "Chroma tenant (server)"),
+    ("chroma-database", str, "Chroma database (server)"),
+    ("chroma-timeout", float, "seconds per Chroma request (default 60)"),
+    ("retry-for", float, "seconds to keep retrying an unreachable Chroma before exit 5 (default 60)"),
     ("collection", str, "collection name (default docs)"),
     ("state-root", str, "where manifest, LATEST, WAL and lock live (default .chroma-state)"),
     ("embed-model", str, "FlagEmbedding model id or path; hash:DIM for the stand-in (default: packaged MiniLM)"),
     ("pooling", ("auto", "cls", "mean"), "pooling; auto = mean for MiniLM, cls for BGE"),
-    ("device", str, "torch device (default cpu)"),
+    ("device", str, "torch device: cpu, cuda, cuda:N (default cpu)"),
+    ("fp16", ("auto", "on", "off"), "half precision; auto = on for CUDA, off for CPU"),
+    ("max-length", int, "tokens per chunk the model sees (default: the model's declared maximum)"),
     ("embed-batch", int, "texts per model forward pass (default 32)"),
+    ("embed-cache", str, "embedding cache file, relative to --state-root, or off (default embed-cache.sqlite3)"),
     ("upsert-batch", int, "chunks per upsert and WAL commit group (default 256)"),
     ("chunk-chars", int, "chunk size budget in characters (default 1200)"),
     ("overlap-chars", int, "overlap between chunks (default 150)"),
@@ -50,6 +60,8 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("on-read-error", ("skip", "fail"), "unreadable, binary or non-UTF-8 files (default skip)"),
     ("embed-log", str, "append the id of every chunk embedded to this file (audit)"),
     ("progress", ("auto", "on", "off"), "progress display on stderr (default auto)"),
+    ("on-store-corrupt", ("rebuild", "fail"), "an unreadable embedded Chroma folder: set it aside and rebuild "
+                                              "from the cache, or fail (default rebuild)"),
 ]
 
 
@@ -169,7 +181,7 @@ def parser() -> argparse.ArgumentParser:
             if isinstance(kind, tuple):
                 sub.add_argument(f"--{option}", dest=dest, choices=kind, help=option_help)
             else:
-                sub.add_argument(f"--{option}", dest=dest, type=int if kind is int else str,
+                sub.add_argument(f"--{option}", dest=dest, type=kind if kind in (int, float) else str,
                                  metavar="true|false" if kind == "bool" else None, help=option_help)
         if name == "resume-status":
             sub.add_argument("--json", action="store_true", help="one JSON object instead of key=value lines")

@@ -29,12 +29,21 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     db: str = ".chroma"
     chroma_host: str | None = None
     chroma_port: int = 8000
+    chroma_ssl: bool = False
+    chroma_headers_env: str | None = None  # name of an env var holding JSON headers or a bearer token
+    chroma_tenant: str | None = None
+    chroma_database: str | None = None
+    chroma_timeout: float = 60.0  # seconds per request (the HTTP client has none by default)
+    retry_for: float = 60.0  # seconds of retrying connection errors before giving up (exit 5)
     collection: str = "docs"
     state_root: str = ".chroma-state"
     embed_model: str = DEFAULT_MODEL
     pooling: Literal["auto", "cls", "mean"] = "auto"
     device: str = "cpu"
+    fp16: Literal["auto", "on", "off"] = "auto"  # auto: half precision on CUDA, fp32 on CPU
+    max_length: int | None = None  # None: the model's declared maximum
     embed_batch: int = 32
+    embed_cache: str = "embed-cache.sqlite3"  # relative to --state-root; "off" disables
     upsert_batch: int = 256
     chunk_chars: int = 1200
     overlap_chars: int = 150
@@ -54,6 +63,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     on_read_error: Literal["skip", "fail"] = "skip"
     embed_log: str | None = None
     progress: Literal["auto", "on", "off"] = "auto"
+    on_store_corrupt: Literal["rebuild", "fail"] = "rebuild"
 
 
 def make_config(**options) -> Config:
@@ -74,6 +84,8 @@ def make_config(**options) -> Config:
 def _check(c: Config) -> None:
     if c.docs and c.units:
         raise UsageError("give either --docs DIR or --units FILE.jsonl, not both")
+    if c.max_length is not None and c.max_length < 1:
+        raise UsageError("--max-length must be at least 1")
     for name in ("embed_batch", "upsert_batch", "chunk_chars", "delete_batch", "wal_fsync_interval"):
         if getattr(c, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -122,6 +134,7 @@ def schema_fields(c: Config) -> dict:
         "id_scheme": ID_SCHEME_VERSION,
         "embed_model": c.embed_model,
         "pooling": pooling(c) if not c.embed_model.startswith("hash:") else "hash",
+        "max_length": c.max_length or "model",  # "model": the model's declared maximum, a function of its identity
         "chunk_chars": c.chunk_chars,
         "overlap_chars": c.overlap_chars,
         "min_chunk_chars": c.min_chunk_chars,

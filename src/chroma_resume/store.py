@@ -15,6 +15,10 @@ from .errors import RuntimeFailure, UsageError
 
 RETRY_DELAYS = (0.5, 1.0, 2.0)
 SCAN_PAGE = 5000
+# The collection's own metadata is the truth about what it holds (DESIGN §1, §4):
+SCHEMA_KEY = "chroma_resume:schema_hash"  # the schema_hash the collection was built with
+INCARNATION_KEY = "chroma_resume:incarnation"  # random id set at creation: a manifest names the collection it describes
+SPACE_KEY = "hnsw:space"
 
 
 class Store:
