@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -30,6 +31,7 @@ class DocEntry(msgspec.Struct, kw_only=True):
     n_chunks: int
     source_type: str = ""
     updated_at: str = ""
+    metadata: dict = {}  # the document's own metadata (units files), stored on every chunk
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -38,6 +40,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     collection: str
     db: str
     dim: int | None = None
+    incarnation: str = ""  # the collection this manifest describes (its INCARNATION_KEY metadata)
     config: dict = {}
     documents: dict[str, DocEntry] = {}
     last_build: dict = {}
@@ -54,6 +57,24 @@ def chunk_id(doc_id: str, content_sha256: str, index: int) -> str:
 
 def generation_ids(doc_id: str, content_sha256: str, n_chunks: int) -> list[str]:
     return [chunk_id(doc_id, content_sha256, i) for i in range(n_chunks)]
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def meta_sha256(metadata: dict, source_type: str) -> str:
+    """What a document stores on its chunks besides its text: a change here is a change (DESIGN §1)."""
+    blob = json.dumps([metadata, source_type], sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def chunk_metadata(uri: str, doc_id: str, content_sha256: str, source_type: str, metadata: dict,
+                   index: int, n_chunks: int, text: str) -> dict:
+    """Every key Chroma stores beside a chunk's vector; build writes it, verify expects it."""
+    return {**metadata, "doc_id": doc_id, "source_uri": uri, "content_sha256": content_sha256,
+            "chunk_index": index, "n_chunks": n_chunks, "source_type": source_type,
+            "text_sha256": text_sha256(text)}
 
 
 def now_iso() -> str:
