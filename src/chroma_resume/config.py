@@ -2,6 +2,10 @@
 
 The package never reads the environment or pyproject: the CLI and dodo.py
 resolve options and build a Config. Relative paths resolve against `root`.
+Two exceptions, each named by the code that needs it: failpoints reads
+CHROMA_RESUME_FAILPOINTS (fault injection), and store reads the one variable
+that `chroma_headers_env` names, only because that option names it (server
+credentials belong in the environment, not in options, pyproject or logs).
 """
 from __future__ import annotations
 

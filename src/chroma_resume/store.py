@@ -1,19 +1,39 @@
 """The Chroma side: the only module that imports chromadb.
 
-Every call is retried with backoff a bounded number of times; after that the run
-stops with the cause (the WAL stays intact, so the next run resumes).
+A call that fails for a reason waiting can fix (the server is down, refuses, times out, answers
+5xx) is retried with backoff for up to --retry-for seconds; then the run stops with the cause
+(exit 5; the WAL stays intact, so the next run resumes). Anything else (an invalid argument, a
+duplicate id) stops it at once: no retry can change the answer.
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 from . import config as cfg
 from . import failpoints
 from .config import Config
-from .errors import RuntimeFailure, UsageError
+from .errors import ChromaResumeError, RuntimeFailure, UsageError
 
-RETRY_DELAYS = (0.5, 1.0, 2.0)
+# Retries (see _retry): pauses double from the first to the cap, within --retry-for seconds in all.
+RETRY_FIRST_DELAY = 0.25
+RETRY_MAX_DELAY = 8.0  # a restarted server is noticed within 8 s
+DEFAULT_RETRY_FOR = 60.0  # when `where` is a bare string rather than an Endpoint
+API_PATH = "/api/v2"
+
+# Request size. Chroma's server refuses bodies over 40 MB (max_payload_size_bytes, its default in
+# rust/frontend; chromadb 1.5.9 answers 413 "Payload too large") and proxies in front of it often
+# allow less, so each request stays under 8 MiB by estimate. A vector goes as base64 of float32
+# (4 bytes x 4/3 per dimension, 6 with margin); servers without base64 get JSON floats, about 4x
+# that, still under 40 MB. Text and metadata are counted as json.dumps writes them (\u escapes
+# make that an overestimate for non-ASCII text).
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+BYTES_PER_DIMENSION = 6
+ROW_OVERHEAD_BYTES = 64  # keys, quotes and commas around each row's fields
+
 SCAN_PAGE = 5000
 # The collection's own metadata is the truth about what it holds (DESIGN §1, §4):
 SCHEMA_KEY = "chroma_resume:schema_hash"  # the schema_hash the collection was built with
@@ -30,16 +50,15 @@ class Store:
 
     # ---- writes --------------------------------------------------------------------
     def upsert(self, ids: list[str], embeddings, documents: list[str], metadatas: list[dict]) -> None:
-        for lo in range(0, len(ids), self.max_batch):
-            hi = lo + self.max_batch
+        sizes = [_row_bytes(*row) for row in zip(ids, embeddings, documents, metadatas)]
+        for lo, hi in _spans(sizes, self.max_batch):
             _retry(self.where, "upsert", lambda: self.collection.upsert(
                 ids=ids[lo:hi], embeddings=embeddings[lo:hi], documents=documents[lo:hi], metadatas=metadatas[lo:hi]))
         failpoints.fire("store.after_upsert")
 
     def delete(self, ids: Sequence[str], batch: int) -> None:
-        step = min(batch, self.max_batch)
-        for lo in range(0, len(ids), step):
-            _retry(self.where, "delete", lambda: self.collection.delete(ids=list(ids[lo:lo + step])))
+        for lo, hi in _spans([len(i) + ROW_OVERHEAD_BYTES for i in ids], min(batch, self.max_batch)):
+            _retry(self.where, "delete", lambda: self.collection.delete(ids=list(ids[lo:hi])))
         failpoints.fire("store.after_delete")
 
     # ---- reads ---------------------------------------------------------------------
@@ -48,8 +67,8 @@ class Store:
 
     def existing(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
-        for lo in range(0, len(ids), self.max_batch):
-            part = list(ids[lo:lo + self.max_batch])
+        for lo, hi in _spans([len(i) + ROW_OVERHEAD_BYTES for i in ids], self.max_batch):
+            part = list(ids[lo:hi])
             found.update(_retry(self.where, "get", lambda: self.collection.get(ids=part, include=[]))["ids"])
         return found
 
@@ -85,13 +104,97 @@ class Store:
         return Store(self.client, collection, self.where)
 
 
+class Endpoint(str):
+    """The store's address as messages show it, carrying its retry window: every call site passes
+    `self.where` to `_retry` as before, and `_retry` learns from it how long to keep trying."""
+
+    retry_for: float = DEFAULT_RETRY_FOR
+
+    def __new__(cls, address: str, retry_for: float) -> "Endpoint":
+        self = super().__new__(cls, address)
+        self.retry_for = retry_for
+        return self
+
+
 def client(c: Config):
+    """A chromadb client for the config, and the Endpoint its calls are retried against."""
     import chromadb  # imported lazily: status and plan-only paths never need it
 
-    where = cfg.db_identity(c)
-    if c.chroma_host:
-        return _retry(where, "connect", lambda: chromadb.HttpClient(host=c.chroma_host, port=c.chroma_port)), where
-    return _retry(where, "open", lambda: chromadb.PersistentClient(path=where)), where
+    # tenant and database only when given: chromadb's defaults otherwise
+    scope = {k: v for k, v in (("tenant", c.chroma_tenant), ("database", c.chroma_database)) if v}
+    if not c.chroma_host:
+        where = Endpoint(cfg.db_identity(c), c.retry_for)
+        return _retry(where, "open", lambda: chromadb.PersistentClient(path=str(where), **scope)), where
+    api_url = _api_url(c)
+    where = Endpoint(api_url.removesuffix(API_PATH), c.retry_for)
+    headers = request_headers(c)
+
+    def connect():
+        _probe(api_url, headers, c.chroma_timeout)
+        # chromadb adds its own keys to the dict it is given: hand it a copy
+        chroma = chromadb.HttpClient(host=c.chroma_host, port=c.chroma_port, ssl=c.chroma_ssl,
+                                     headers=dict(headers), **scope)
+        _set_timeout(chroma, c.chroma_timeout)
+        return chroma
+
+    return _retry(where, "connect", connect), where
+
+
+def request_headers(c: Config) -> dict[str, str]:
+    """Headers from the variable --chroma-headers-env names: a JSON object of headers, or a bare token
+    sent as `Authorization: Bearer <token>`. Messages name the variable, never its value (a secret)."""
+    name = c.chroma_headers_env
+    if not name:
+        return {}
+    value = os.environ.get(name)
+    if value is None:
+        raise UsageError(f"--chroma-headers-env: environment variable {name} is not set")
+    value = value.strip()
+    if not value.startswith("{"):
+        if not value or any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise UsageError(f"--chroma-headers-env: {name} must hold a JSON object of headers or one token "
+                             "(non-empty, no spaces or control characters)")
+        return {"Authorization": f"Bearer {value}"}
+    try:
+        headers = json.loads(value)
+    except json.JSONDecodeError as exc:  # the position helps; the text would leak the secret
+        raise UsageError(f"--chroma-headers-env: {name} is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not all(isinstance(v, str) for v in headers.values()):
+        raise UsageError(f"--chroma-headers-env: {name} must map header names to string values")
+    return headers
+
+
+def _api_url(c: Config) -> str:
+    """The URL chromadb's HttpClient talks to, built by chromadb's own rule (full URLs as host, ssl)."""
+    from chromadb.api.base_http_client import BaseHTTPClient
+
+    try:
+        return BaseHTTPClient.resolve_url(chroma_server_host=c.chroma_host, chroma_server_ssl_enabled=c.chroma_ssl,
+                                          default_api_path=API_PATH, chroma_server_http_port=c.chroma_port)
+    except ValueError as exc:
+        raise UsageError(f"--chroma-host {c.chroma_host!r}: {exc}") from None
+
+
+def _probe(api_url: str, headers: dict[str, str], timeout: float) -> None:
+    """One bounded heartbeat before HttpClient's constructor, whose own first requests (identity,
+    tenant, database) run before any timeout can be set: a hung server fails here instead."""
+    import httpx
+
+    response = httpx.get(f"{api_url}/heartbeat", headers=headers, timeout=timeout)
+    if response.status_code >= 500:
+        response.raise_for_status()  # HTTPStatusError: retried; other answers are left to chromadb
+
+
+def _set_timeout(chroma, seconds: float) -> None:
+    """chromadb's HttpClient sends every request with httpx `timeout=None` (wait forever) and has no
+    setting for it, so set it on the client's httpx session; refuse to run without it."""
+    import httpx
+
+    session = getattr(getattr(chroma, "_server", None), "_session", None)
+    if not isinstance(session, httpx.Client):
+        raise RuntimeFailure("this chromadb version keeps no httpx session at client._server._session: "
+                             "cannot apply --chroma-timeout (chroma-resume is tested with chromadb 1.5)")
+    session.timeout = httpx.Timeout(seconds)
 
 
 def open_store(c: Config, create: bool = True) -> Store | None:
@@ -114,14 +217,117 @@ def open_store(c: Config, create: bool = True) -> Store | None:
     return Store(chroma_client, collection, where)
 
 
+# ---- retries -----------------------------------------------------------------------------
+
 def _retry(where: str, what: str, call: Callable):
-    for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+    """Run `call`. What waiting can fix (see `_transient`) is retried with doubling pauses for up to
+    `where.retry_for` seconds, then the run stops with exit 5; anything else stops it at once."""
+    window = getattr(where, "retry_for", DEFAULT_RETRY_FOR)
+    delay, deadline, attempts = RETRY_FIRST_DELAY, None, 0
+    while True:
+        attempts += 1
         try:
             return call()
-        except TypeError:
-            raise  # a programming error: retrying cannot help
-        except Exception as exc:  # network, server, disk (chromadb says ValueError for "cannot connect")
-            if delay is None:
-                raise RuntimeFailure(f"Chroma at {where}: {what} failed after {attempt + 1} attempts: "
-                                     f"{type(exc).__name__}: {exc}") from None
-            time.sleep(delay)
+        except ChromaResumeError:
+            raise  # already says what happened (e.g. a bad option found while connecting)
+        except Exception as exc:
+            if not _transient(exc):
+                raise _refused(where, what, exc) from None
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + window
+                if window > 0:  # said once per call: the user sees what the run waits for
+                    print(f"[WAIT] Chroma at {where} unreachable ({_describe(exc)}); "
+                          f"retrying for up to {window:g}s", file=sys.stderr, flush=True)
+            if now >= deadline:
+                raise RuntimeFailure(f"Chroma at {where} unreachable: {what} still failing after {attempts} "
+                                     f"attempts over {window:g}s: {_describe(exc)}") from None
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, RETRY_MAX_DELAY)
+
+
+def _transient(exc: BaseException) -> bool:
+    """True for what waiting can fix: no connection, a timeout, a connection dropped mid-answer, an
+    HTTP 5xx or 429. chromadb reports these as httpx errors, as a bare Exception whose context is an
+    httpx.HTTPStatusError, as a ChromaError with a 5xx/429 code, or, from HttpClient's constructor, as
+    ValueError("Could not connect to a Chroma server...") whose context is the httpx.ConnectError."""
+    import httpx
+    from chromadb.errors import ChromaError
+
+    for link in _chain(exc):
+        if isinstance(link, httpx.LocalProtocolError):
+            return False  # we sent something malformed (e.g. a bad header value): it will not improve
+        if isinstance(link, httpx.TransportError):
+            return True  # ConnectError, ConnectTimeout, ReadTimeout, ReadError, RemoteProtocolError, ...
+        if isinstance(link, httpx.HTTPStatusError):
+            return _status_transient(link.response.status_code)
+        if isinstance(link, ChromaError):
+            return _status_transient(link.code())
+        if isinstance(link, ValueError) and str(link).startswith("Could not connect to a Chroma server"):
+            return True
+    return False
+
+
+def _status_transient(status: int) -> bool:
+    return status >= 500 or status == 429
+
+
+def _refused(where: str, what: str, exc: Exception) -> ChromaResumeError:
+    """The error for a failure no retry can fix.
+
+    UsageError (exit 2) when what we sent or named is wrong, so fixing the input or an option is
+    the remedy: an invalid argument or dimension, a duplicate id, metadata chromadb rejects (its
+    client-side checks raise ValueError/TypeError), bad credentials, a tenant or database (named
+    by an option) that does not exist. RuntimeFailure (exit 5) for the rest: the store did
+    something no retry fixes here (a collection deleted under the run, a proxy's 413, an unknown
+    error) and the input is not known to be at fault."""
+    import httpx
+    from chromadb import errors as chroma_errors
+
+    usage = (ValueError, TypeError, httpx.LocalProtocolError, chroma_errors.InvalidArgumentError,
+             chroma_errors.InvalidDimensionException, chroma_errors.DuplicateIDError,
+             chroma_errors.IDAlreadyExistsError, chroma_errors.InvalidUUIDError, chroma_errors.AuthorizationError,
+             chroma_errors.ChromaAuthError, chroma_errors.QuotaError)
+    named_missing = what in ("connect", "open") and isinstance(exc, chroma_errors.NotFoundError)
+    kind = UsageError if isinstance(exc, usage) or named_missing else RuntimeFailure
+    return kind(f"Chroma at {where}: {what} refused, not retried: {_describe(exc)}")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """exc and the exceptions it was raised from or while handling (chromadb re-raises inside except)."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message` of the error, and of its root cause when that says something more (first
+    lines only: httpx appends a documentation link on a second line)."""
+    root = list(_chain(exc))[-1]
+    first, root_first = (str(e).partition("\n")[0] for e in (exc, root))
+    text = f"{type(exc).__name__}: {first}"
+    return text if root_first in first else f"{text} <- {type(root).__name__}: {root_first}"
+
+
+# ---- request sizes -----------------------------------------------------------------------
+
+def _spans(sizes: Sequence[int], max_rows: int, max_bytes: int = MAX_REQUEST_BYTES) -> Iterator[tuple[int, int]]:
+    """[lo, hi) ranges of at most max_rows rows and max_bytes estimated bytes, in order. A row
+    larger than max_bytes goes alone: the server, not this estimate, has the last word on it."""
+    lo, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > lo and (i - lo >= max_rows or total + size > max_bytes):
+            yield lo, i
+            lo, total = i, 0
+        total += size
+    if lo < len(sizes):
+        yield lo, len(sizes)
+
+
+def _row_bytes(chunk_id: str, embedding, document: str, metadata: dict) -> int:
+    """An upper estimate of one row's share of an upsert request (see MAX_REQUEST_BYTES)."""
+    return (len(chunk_id) + BYTES_PER_DIMENSION * len(embedding) + len(json.dumps(document))
+            + len(json.dumps(metadata, default=str)) + ROW_OVERHEAD_BYTES)
