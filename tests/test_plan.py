@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from chroma_resume import wal
-from chroma_resume.corpus import Document
+from chroma_resume.corpus import Document, Listing
 from chroma_resume.plan import make_plan, resume_decision
-from chroma_resume.state import DocEntry
+from chroma_resume.state import DocEntry, meta_sha256
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -18,7 +18,7 @@ def doc(uri: str, sha: str) -> Document:
 
 
 def entry(uri: str, sha: str, n: int) -> DocEntry:
-    return DocEntry(doc_id=f"id-{uri}", content_sha256=sha, n_chunks=n)
+    return DocEntry(doc_id=f"id-{uri}", content_sha256=sha, n_chunks=n, source_type="md")
 
 
 def replay_of(*events: wal.Event) -> wal.Replay:
@@ -33,7 +33,8 @@ def begun(uri, sha, n):
 
 
 def committed(uri, sha, n):
-    return wal.DocCommitted(uri=uri, doc_id=f"id-{uri}", content_sha256=sha, n_chunks=n, chunks_upserted_total=0)
+    return wal.DocCommitted(uri=uri, doc_id=f"id-{uri}", content_sha256=sha, n_chunks=n, chunks_upserted_total=0,
+                            meta_sha256=meta_sha256({}, "md"))
 
 
 def by_uri(plan):
@@ -128,3 +129,85 @@ def test_finished_wal_is_stale_only_once_its_manifest_is_written():
     pending = resume_decision(r, mode="auto", schema_hash="s", collection="c", db="d", manifest_run_id="older")
     stale = resume_decision(r, mode="auto", schema_hash="s", collection="c", db="d", manifest_run_id="r1")
     assert pending.active and not stale.active and stale.reason == "wal_finished_ok"
+
+
+# ---- crash + change: the WAL's facts beat the manifest (issue: recovery under change) ----------
+
+def intent(uri, sha, n, reason="old"):
+    return wal.DeleteIntent(uri=uri, doc_id=f"id-{uri}", old_content_sha256=sha, n_chunks=n, reason=reason)
+
+
+def old_done(uri, sha, n):
+    return wal.DeleteOldDone(uri=uri, doc_id=f"id-{uri}", old_content_sha256=sha, deleted_chunks=n)
+
+
+def test_edit_undone_after_its_old_generation_was_deleted_is_put_back_then_the_edit_is_dropped():
+    r = replay_of(begun("x", A2, 2), committed("x", A2, 2), intent("x", A1, 3), old_done("x", A1, 3))
+    d = by_uri(make_plan([doc("x", A1)], {"x": entry("x", A1, 3)}, r, "incremental"))["x"]
+    assert (d.action, d.kind) == ("embed", "restore")
+    assert [(g.content_sha256, g.n_chunks) for g in d.old_generations] == [(A2, 2)]
+
+
+def test_delete_intent_without_its_done_record_means_maybe_deleted():
+    """Power loss can drop DELETE_OLD_DONE; the fsynced intent says the delete may have run."""
+    r = replay_of(begun("x", A2, 2), committed("x", A2, 2), intent("x", A1, 3))
+    d = by_uri(make_plan([doc("x", A1)], {"x": entry("x", A1, 3)}, r, "incremental"))["x"]
+    assert (d.action, d.kind) == ("embed", "restore")
+
+
+def test_removed_file_restored_after_its_stale_delete_is_put_back():
+    r = replay_of(intent("x", A1, 3, "stale"),
+                  wal.DeleteStaleDone(uri="x", doc_id="id-x", old_content_sha256=A1, deleted_chunks=3))
+    plan = make_plan([doc("x", A1)], {"x": entry("x", A1, 3)}, r, "incremental")
+    d = by_uri(plan)["x"]
+    assert (d.action, d.kind, d.old_generations) == ("embed", "restore", []) and plan.stale == []
+
+
+def test_a_generation_begun_again_after_its_delete_is_partial_not_gone():
+    r = replay_of(begun("x", A2, 2), committed("x", A2, 2), intent("x", A1, 3), old_done("x", A1, 3),
+                  begun("x", A1, 3))
+    d = by_uri(make_plan([doc("x", A2)], {"x": entry("x", A1, 3)}, r, "incremental"))["x"]
+    assert d.action == "resumed" and [(g.content_sha256, g.n_chunks) for g in d.old_generations] == [(A1, 3)]
+
+
+def test_metadata_change_with_the_same_text_is_a_change_without_old_generations():
+    known = DocEntry(doc_id="id-x", content_sha256=A1, n_chunks=2, source_type="md", metadata={"lang": "en"})
+    changed = Document(uri="x", doc_id="id-x", content_sha256=A1, source_type="md", metadata={"lang": "fr"})
+    d = by_uri(make_plan([changed], {"x": known}, None, "incremental"))["x"]
+    assert (d.action, d.kind, d.old_generations) == ("embed", "meta", [])
+    same = Document(uri="x", doc_id="id-x", content_sha256=A1, source_type="md", metadata={"lang": "en"})
+    assert by_uri(make_plan([same], {"x": known}, None, "incremental"))["x"].action == "unchanged"
+
+
+def test_doc_id_change_rekeys_from_the_old_generation():
+    renamed = Document(uri="x", doc_id="new-id", content_sha256=A1, source_type="md")
+    d = by_uri(make_plan([renamed], {"x": entry("x", A1, 3)}, None, "incremental"))["x"]
+    assert (d.action, d.kind) == ("embed", "changed")
+    assert [(g.doc_id, g.content_sha256) for g in d.reuse] == [("id-x", A1)]
+    assert [(g.doc_id, g.content_sha256) for g in d.old_generations] == [("id-x", A1)]
+
+
+@pytest.mark.parametrize("listing", [Listing(files={"sub/x"}), Listing(dirs={"sub"}), Listing(dirs={"."})])
+def test_unreadable_document_keeps_its_entry_and_chunks(listing):
+    plan = make_plan([], {"sub/x": entry("sub/x", A1, 3), "gone": entry("gone", A2, 1)}, None, "incremental", listing)
+    d = by_uri(plan)
+    if listing.dirs == {"."}:
+        assert plan.stale == [] and plan.deleted == 0 and set(d) == {"sub/x", "gone"}
+        return
+    assert d["sub/x"].kind == "kept" and d["sub/x"].entry.content_sha256 == A1 and d["sub/x"].old_generations == []
+    assert [g.uri for g in plan.stale] == ["gone"] and plan.deleted == 1 and plan.kept == 1
+
+
+def test_unreadable_document_keeps_the_wal_committed_generation_over_the_manifest_one():
+    r = replay_of(begun("x", A2, 2), committed("x", A2, 2))
+    d = by_uri(make_plan([], {"x": entry("x", A1, 3)}, r, "incremental", Listing(files={"x"})))["x"]
+    assert (d.action, d.content_sha256) == ("resumed", A2)
+    assert [g.content_sha256 for g in d.old_generations] == [A1]
+
+
+def test_resume_refused_for_a_recreated_collection_or_with_the_wal_off():
+    r = replay_of(_start(incarnation="one"))
+    common = dict(mode="auto", schema_hash="s", collection="c", db="d", manifest_run_id=None)
+    assert resume_decision(r, incarnation="one", **common).active
+    assert resume_decision(r, incarnation="two", **common).reason.startswith("collection_recreated")
+    assert resume_decision(r, incarnation="one", wal_enabled=False, **common).reason == "wal_off"

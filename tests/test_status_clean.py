@@ -138,7 +138,7 @@ def test_status_imports_no_model_library_and_no_chromadb(killed):
 
 @pytest.mark.timeout(60)
 def test_status_ignores_and_clean_wal_honours_a_held_writer_lock(killed):
-    lock = state_dir(killed) / "writer.lock"
+    lock = state_dir(killed).parent / "writer.lock"
     wal_bytes = wal_path(killed).read_bytes()
     with lock_holder(killed, lock, HASH_BUILD) as holder:
         seen = status(killed)

@@ -49,7 +49,7 @@ def test_records_are_one_crc_checked_line_each_with_seq(tmp_path):
     assert [r["t"] for r in records] == ["RUN_START", "DOC_BEGIN", "UPSERT_BATCH_COMMITTED", "DOC_COMMITTED", "DOC_DONE"]
     assert all(r["run_id"] == "run1" and "crc" in r for r in records)
     replay = wal.read(str(path))
-    assert replay.committed_sha("d1.md") == {f"{1:064x}"}
+    assert [(g.content_sha256, g.state) for g in replay.generations["d1.md"].values()] == [(f"{1:064x}", "committed")]
     assert replay.chunks_upserted_total == 2 and not replay.truncated_tail
 
 

@@ -16,7 +16,7 @@ def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> 
     path = p["wal"]
     if not os.path.exists(path):
         return f"no WAL at {path}: nothing to clean"
-    with state.WriterLock(p["state_dir"], run_id=f"clean-wal-{uuid.uuid4().hex[:6]}"):
+    with state.WriterLock(p["collection_dir"], run_id=f"clean-wal-{uuid.uuid4().hex[:6]}"):
         try:
             replay = wal.read(path)
             manifest = state.load_manifest(p["manifest"])

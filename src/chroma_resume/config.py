@@ -138,12 +138,24 @@ def schema_fields(c: Config) -> dict:
         "id_scheme": ID_SCHEME_VERSION,
         "embed_model": c.embed_model,
         "pooling": pooling(c) if not c.embed_model.startswith("hash:") else "hash",
-        "max_length": c.max_length or "model",  # "model": the model's declared maximum, a function of its identity
+        "max_length": effective_max_length(c) or "model",
         "chunk_chars": c.chunk_chars,
         "overlap_chars": c.overlap_chars,
         "min_chunk_chars": c.min_chunk_chars,
         "hnsw_space": c.hnsw_space,
     }
+
+
+def effective_max_length(c: Config) -> int | None:
+    """--max-length, else the maximum the model's files declare (JSON reads only, no torch);
+    None when unknown (a hub model not downloaded yet, a missing path: loading reports that)."""
+    from .embedding import effective_max_length as declared  # embedding imports this module
+    from .errors import ModelLoadError
+
+    try:
+        return declared(c)
+    except ModelLoadError:
+        return None
 
 
 def schema_hash(c: Config) -> str:
@@ -154,7 +166,8 @@ def schema_hash(c: Config) -> str:
 def db_identity(c: Config) -> str:
     """Which database a WAL belongs to: resuming a run against another DB would lie."""
     if c.chroma_host:
-        return f"http://{c.chroma_host}:{c.chroma_port}"
+        scope = "".join(f"/{part}" for part in (c.chroma_tenant, c.chroma_database) if part)
+        return f"{'https' if c.chroma_ssl else 'http'}://{c.chroma_host}:{c.chroma_port}{scope}"
     return path(c, c.db)
 
 

@@ -33,6 +33,16 @@ class Document(msgspec.Struct, kw_only=True):
 Warn = Callable[..., None]
 
 
+class Listing(msgspec.Struct):
+    """What a scan listed but could not read. Skipped is not deleted (DESIGN §4): only a
+    document absent from a listing that succeeded is removed."""
+    files: set[str] = msgspec.field(default_factory=set)
+    dirs: set[str] = msgspec.field(default_factory=set)
+
+    def unread(self, uri: str) -> bool:
+        return uri in self.files or "." in self.dirs or any(uri.startswith(d + "/") for d in self.dirs)
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -54,22 +64,26 @@ def source_path(c: Config) -> str:
     return location
 
 
-def scan(c: Config, warn: Warn, only: set[str] | None = None) -> Iterator[Document]:
-    """Yield the corpus documents in a stable order (only those in `only`, if given)."""
+def scan(c: Config, warn: Warn, only: set[str] | None = None, listing: Listing | None = None) -> Iterator[Document]:
+    """Yield the corpus documents in a stable order (only those in `only`, if given);
+    what was listed but could not be read goes into `listing`."""
     if c.units:
         yield from _units(c, source_path(c), only)
     else:
-        yield from _folder(c, source_path(c), warn, only)
+        yield from _folder(c, source_path(c), warn, only, listing if listing is not None else Listing())
 
 
 # ---- folder corpus -------------------------------------------------------------------
 
-def _folder(c: Config, root: str, warn: Warn, only: set[str] | None) -> Iterator[Document]:
-    skip = lambda key, uri, reason: _skip(c, warn, key, uri, reason)  # noqa: E731
+def _folder(c: Config, root: str, warn: Warn, only: set[str] | None, listing: Listing) -> Iterator[Document]:
+    def skip(key: str, uri: str, reason: str) -> None:
+        (listing.dirs if key == "unreadable_dir" else listing.files).add(uri)
+        _skip(c, warn, key, uri, reason)
+
     for full, uri in _walk(root, c.include, c.exclude, skip):
         if only is not None and uri not in only:
             continue
-        doc = _read_file(c, full, uri, warn)
+        doc = _read_file(c, full, uri, skip)
         if doc is not None:
             yield doc
 
@@ -110,21 +124,21 @@ def _walk(root: str, include: Iterable[str], exclude: Iterable[str], skip: Warn)
                 yield full, uri
 
 
-def _read_file(c: Config, full: str, uri: str, warn: Warn) -> Document | None:
+def _read_file(c: Config, full: str, uri: str, skip: Warn) -> Document | None:
     try:
         info = os.stat(full)
         if not stat.S_ISREG(info.st_mode):
-            return _skip(c, warn, "not_regular_file", uri, "not a regular file")
+            return skip("not_regular_file", uri, "not a regular file")
         with open(full, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        return _skip(c, warn, "unreadable", uri, exc.strerror or str(exc))
+        return skip("unreadable", uri, exc.strerror or str(exc))
     if b"\x00" in data:
-        return _skip(c, warn, "binary_file", uri, "contains NUL bytes")
+        return skip("binary_file", uri, "contains NUL bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return _skip(c, warn, "not_utf8", uri, f"invalid UTF-8 at byte {exc.start}")
+        return skip("not_utf8", uri, f"invalid UTF-8 at byte {exc.start}")
     text = text.removeprefix("\ufeff")
     updated = dt.datetime.fromtimestamp(info.st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
     ext = os.path.splitext(uri)[1].lstrip(".").lower() or "text"
@@ -158,6 +172,7 @@ def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document
     """Validate the whole file before yielding, so bad input stops the run before any write."""
     errors: list[str] = []
     first_line: dict[str, int] = {}
+    first_id: dict[str, int] = {}
     with open(location, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
@@ -172,6 +187,11 @@ def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document
                               f"(first on line {first_line[unit.source_uri]})")
                 continue
             first_line[unit.source_uri] = lineno
+            doc_id = unit.doc_id or doc_id_for(unit.source_uri)
+            if doc_id in first_id:  # two documents would write the same chunk ids
+                errors.append(f"{location}:{lineno}: duplicate doc_id {doc_id!r} (first on line {first_id[doc_id]})")
+                continue
+            first_id[doc_id] = lineno
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""

@@ -6,7 +6,7 @@ Grammar (entries separated by ';'):  name[:EVENT][@N]=kill|torn|raise|sleep(MS)|
     record, then kill; raise: OSError(EIO); sleep(MS): pause; on: a boolean switch
     (used by `bug.*` switches that plant known bugs to prove the harness catches them).
   - `trace=PATH` appends every hit as `name:EVENT` to PATH, to list a run's boundaries.
-This module is the one place the package reads the environment.
+This module and the variable named by --chroma-headers-env are the only environment the package reads.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """What a build must do, from the manifest, the corpus and the WAL. Pure: no I/O.
 
-The recovery rules of DESIGN §4 in one place. Every generation of a document
-that may be in Chroma (the manifest's, and each one the WAL saw begun or
-committed) is either the current one or an old one to delete once the current
-one is committed, unless the WAL already recorded its deletion.
+The recovery rules of DESIGN §4 in one place. Every generation of a document that
+may hold chunks in Chroma (the manifest's, and each one the WAL saw begun, committed
+or about to be deleted) is either the document's current generation or an old one,
+deleted once the current one is in Chroma. The WAL's facts beat the manifest: a
+generation it records as deleted, or as about to be deleted, is not trusted to be
+there, so an edit undone or a file restored after a crash is put back.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from typing import Literal
 
 import msgspec
 
-from .corpus import Document
-from .state import DocEntry
-from .wal import Replay
+from . import failpoints
+from .corpus import Document, Listing
+from .state import DocEntry, meta_sha256
+from .wal import Replay, generation_key
 
 
 class Generation(msgspec.Struct, frozen=True):
@@ -27,11 +30,14 @@ class DocAction(msgspec.Struct, kw_only=True):
     uri: str
     doc_id: str
     content_sha256: str
+    meta_sha256: str = ""
     action: Literal["embed", "resumed", "unchanged"]
-    kind: Literal["added", "changed", "refresh", "unchanged"]
+    kind: Literal["added", "changed", "refresh", "meta", "restore", "unchanged", "kept"]
     old_content_sha256: str | None = None  # the manifest's generation, for DOC_BEGIN
     n_chunks: int = 0  # known for resumed/unchanged documents
     old_generations: list[Generation] = []
+    reuse: list[Generation] = []  # same text under another doc_id: its vectors can be re-keyed
+    entry: DocEntry | None = None  # for a document the scan could not read: what it keeps
 
 
 class Plan(msgspec.Struct, kw_only=True):
@@ -41,6 +47,7 @@ class Plan(msgspec.Struct, kw_only=True):
     changed: int = 0
     deleted: int = 0
     unchanged: int = 0
+    kept: int = 0  # unreadable now: kept as they were
 
     @property
     def to_embed(self) -> list[DocAction]:
@@ -55,47 +62,112 @@ class Plan(msgspec.Struct, kw_only=True):
         return not self.stale and all(d.action == "unchanged" and not d.old_generations for d in self.docs)
 
 
+class _Known(msgspec.Struct):
+    """One generation of a uri and how sure we are that all its chunks are in Chroma."""
+    gen: Generation
+    state: Literal["manifest", "committed", "partial"]
+    meta_sha256: str = ""
+
+
 def make_plan(corpus: list[Document], manifest: dict[str, DocEntry], replay: Replay | None,
-              sync_mode: str) -> Plan:
+              sync_mode: str, listing: Listing | None = None) -> Plan:
     deletes = sync_mode != "none"
+    listing = listing or Listing()
     docs: list[DocAction] = []
-    counts = {"added": 0, "changed": 0, "unchanged": 0}
-    seen: set[str] = set()
+    counts = {"added": 0, "changed": 0, "unchanged": 0, "kept": 0}
+    current_keys = {generation_key(d.doc_id, d.content_sha256) for d in corpus}
     for doc in corpus:
-        seen.add(doc.uri)
         known = manifest.get(doc.uri)
-        kind = "added" if known is None else ("unchanged" if known.content_sha256 == doc.content_sha256 else "changed")
+        kind = "added" if known is None else ("unchanged" if _same(known, doc) else "changed")
         counts[kind] += 1
-        olds = [g for g in _live_generations(doc.uri, known, replay) if g.content_sha256 != doc.content_sha256]
-        wal_gen = replay.generations.get(doc.uri, {}).get(doc.content_sha256) if replay else None
-        if wal_gen is not None and wal_gen.committed:
-            action, n_chunks = "resumed", wal_gen.n_chunks
-        elif kind == "unchanged" and sync_mode != "delete-stale":
-            action, n_chunks = "unchanged", known.n_chunks
-        else:
-            action, n_chunks = "embed", 0
-            kind = "refresh" if kind == "unchanged" else kind
-        docs.append(DocAction(
-            uri=doc.uri, doc_id=doc.doc_id, content_sha256=doc.content_sha256, action=action, kind=kind,
-            old_content_sha256=known.content_sha256 if known and kind == "changed" else None,
-            n_chunks=n_chunks, old_generations=olds if deletes else []))
+        docs.append(_document(doc, known, _known(doc.uri, known, replay), sync_mode, deletes))
+    seen = {d.uri for d in corpus}
     stale: list[Generation] = []
-    removed = sorted((set(manifest) | set(replay.generations if replay else ())) - seen)
-    for uri in removed:
-        stale.extend(_live_generations(uri, manifest.get(uri), replay))
-    deleted = sum(1 for uri in removed if uri in manifest)
+    gone = sorted((set(manifest) | set(replay.generations if replay else ())) - seen)
+    for uri in gone:
+        live = _known(uri, manifest.get(uri), replay)
+        if listing.unread(uri):
+            kept = _kept(uri, manifest.get(uri), live, deletes)
+            if kept is not None:
+                docs.append(kept)
+                counts["kept"] += 1
+            continue
+        # A generation that is now another uri's current one (a units file moved a doc_id) stays.
+        stale.extend(k.gen for k in live.values() if generation_key(k.gen.doc_id, k.gen.content_sha256)
+                     not in current_keys)
+    deleted = sum(1 for uri in gone if uri in manifest and not listing.unread(uri))
     return Plan(docs=docs, stale=stale if deletes else [], deleted=deleted, **counts)
 
 
-def _live_generations(uri: str, known: DocEntry | None, replay: Replay | None) -> list[Generation]:
-    """Generations of `uri` that may still hold chunks in Chroma."""
-    wal_gens = replay.generations.get(uri, {}) if replay else {}
-    found: dict[str, Generation] = {}
+def _same(known: DocEntry, doc: Document) -> bool:
+    return known.content_sha256 == doc.content_sha256 and known.doc_id == doc.doc_id
+
+
+def _document(doc: Document, known: DocEntry | None, live: dict[str, _Known], sync_mode: str,
+              deletes: bool) -> DocAction:
+    key = generation_key(doc.doc_id, doc.content_sha256)
+    meta = meta_sha256(doc.metadata, doc.source_type)
+    current = live.get(key)
+    olds = [k.gen for other, k in live.items() if other != key]
+    base = dict(uri=doc.uri, doc_id=doc.doc_id, content_sha256=doc.content_sha256, meta_sha256=meta,
+                old_content_sha256=known.content_sha256 if known and known.content_sha256 != doc.content_sha256 else None,
+                old_generations=olds if deletes else [])
+    in_place = current is not None and current.state != "partial" and current.meta_sha256 == meta
+    if in_place and current.state == "committed":
+        return DocAction(**base, action="resumed", kind="changed" if known is None or not _same(known, doc) else "unchanged",
+                         n_chunks=current.gen.n_chunks)
+    if in_place and sync_mode != "delete-stale":
+        return DocAction(**base, action="unchanged", kind="unchanged", n_chunks=current.gen.n_chunks)
+    if known is None:
+        kind = "added"
+    elif not _same(known, doc):
+        kind = "changed"
+    elif current is None or current.state == "partial":
+        kind = "restore"  # the WAL says its chunks were (maybe) deleted: put them back
+    elif current.meta_sha256 != meta:
+        kind = "meta"
+    else:
+        kind = "refresh"
+    reuse = [k.gen for other, k in live.items()
+             if other != key and k.gen.content_sha256 == doc.content_sha256 and k.state != "partial"]
+    return DocAction(**base, action="embed", kind=kind, reuse=reuse)
+
+
+def _kept(uri: str, known: DocEntry | None, live: dict[str, _Known], deletes: bool) -> DocAction | None:
+    """Skipped is not deleted: an unreadable document keeps its newest complete generation."""
+    complete = [k for k in live.values() if k.state != "partial"]
+    if not complete:
+        return None
+    keep = next((k for k in complete if k.state == "committed"), complete[0])  # the WAL's is newer
+    g = keep.gen
+    entry = known if known is not None and known.content_sha256 == g.content_sha256 and known.doc_id == g.doc_id \
+        else DocEntry(doc_id=g.doc_id, content_sha256=g.content_sha256, n_chunks=g.n_chunks)
+    olds = [k.gen for k in live.values() if k is not keep]
+    return DocAction(uri=uri, doc_id=g.doc_id, content_sha256=g.content_sha256, meta_sha256=keep.meta_sha256,
+                     action="resumed" if keep.state == "committed" else "unchanged", kind="kept",
+                     n_chunks=g.n_chunks, old_generations=olds if deletes else [], entry=entry)
+
+
+def _known(uri: str, known: DocEntry | None, replay: Replay | None) -> dict[str, _Known]:
+    """Generations of `uri` that may still hold chunks in Chroma, by generation key."""
+    found: dict[str, _Known] = {}
     if known is not None:
-        found[known.content_sha256] = Generation(uri, known.doc_id, known.content_sha256, known.n_chunks)
-    for sha, g in wal_gens.items():
-        found.setdefault(sha, Generation(uri, g.doc_id, sha, g.n_chunks))
-    return [g for sha, g in found.items() if not (sha in wal_gens and wal_gens[sha].deleted)]
+        gen = Generation(uri, known.doc_id, known.content_sha256, known.n_chunks)
+        found[generation_key(known.doc_id, known.content_sha256)] = _Known(
+            gen, "manifest", meta_sha256(known.metadata, known.source_type))
+    wal_gens = replay.generations.get(uri, {}) if replay else {}
+    for key, g in wal_gens.items():
+        if g.deleted and failpoints.enabled("bug.ignore_wal_deletions"):
+            continue
+        if g.deleted:
+            found.pop(key, None)
+            continue
+        gen = Generation(uri, g.doc_id, g.content_sha256, max(g.n_chunks, found[key].gen.n_chunks if key in found else 0))
+        if g.committed:
+            found[key] = _Known(gen, "committed", g.meta_sha256)
+        else:
+            found[key] = _Known(gen, "partial")
+    return found
 
 
 class ResumeDecision(msgspec.Struct, frozen=True):
@@ -104,20 +176,27 @@ class ResumeDecision(msgspec.Struct, frozen=True):
 
 
 def resume_decision(replay: Replay | None, *, mode: str, schema_hash: str, collection: str, db: str,
-                    manifest_run_id: str | None) -> ResumeDecision:
-    """Whether a build would continue the WAL's run, and why (shared by build and status).
+                    manifest_run_id: str | None, incarnation: str | None = None,
+                    wal_enabled: bool = True) -> ResumeDecision:
+    """Whether a build would continue the WAL's run, and why (shared by build, status and verify).
 
     A WAL that finished ok is stale only once the manifest of that run is written: a
-    crash between RUN_FINISH and the manifest's replace must not forget the run."""
+    crash between RUN_FINISH and the manifest's replace must not forget the run.
+    `incarnation` is the collection's, when known: a WAL of a collection since recreated
+    describes chunks that are gone."""
     if replay is None or replay.start is None:
         return ResumeDecision(False, "no_wal")
     if replay.finished_ok and manifest_run_id == replay.start.run_id:
         return ResumeDecision(False, "wal_finished_ok")
     if mode == "off":
         return ResumeDecision(False, "resume_off")
+    if not wal_enabled:
+        return ResumeDecision(False, "wal_off")
     start = replay.start
     for field, ours, theirs in (("schema_hash", schema_hash, start.schema_hash),
                                 ("collection", collection, start.collection), ("db", db, start.db)):
         if ours != theirs:
             return ResumeDecision(False, f"{field}_mismatch(wal={theirs},now={ours})")
+    if incarnation is not None and start.incarnation != incarnation:
+        return ResumeDecision(False, f"collection_recreated(wal={start.incarnation or '?'},now={incarnation})")
     return ResumeDecision(True, "wal_resumable")

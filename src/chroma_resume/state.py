@@ -6,6 +6,7 @@ the directory), so a reader never sees half a file.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -16,7 +17,7 @@ import msgspec
 
 from . import config as cfg
 from . import failpoints
-from .errors import LockHeld, RuntimeFailure, UsageError
+from .errors import ChromaResumeError, LockHeld, RuntimeFailure, UsageError
 
 WAL_NAME = "index_state.stage.jsonl"
 MANIFEST_NAME = "index_state.json"
@@ -151,10 +152,12 @@ def atomic_write(path: str, data: bytes) -> None:
 # ---- writer lock ----------------------------------------------------------------------
 
 class WriterLock:
-    """flock on writer.lock: the OS releases it when the holder dies, so a crash never wedges."""
+    """flock on <collection>/writer.lock: one writer per collection whatever its schema (a build
+    with other options must never reset a collection under a running one). The OS releases the
+    lock when the holder dies, so a crash never wedges."""
 
-    def __init__(self, state_dir: str, run_id: str):
-        self.path = os.path.join(state_dir, LOCK_NAME)
+    def __init__(self, collection_dir: str, run_id: str):
+        self.path = os.path.join(collection_dir, LOCK_NAME)
         self.run_id = run_id
         self.fd = -1
 
@@ -163,13 +166,16 @@ class WriterLock:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise RuntimeFailure(f"cannot open lock {self.path}: {exc.strerror}") from None
+            raise _lock_error(self.path, exc) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(self.fd)
             os.close(self.fd)
             raise LockHeld(f"another writer holds {self.path}: {holder}") from None
+        except OSError as exc:  # ENOLCK on some network filesystems: no lock, no safe build
+            os.close(self.fd)
+            raise _lock_error(self.path, exc) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "started_at": now_iso()}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(info).encode(), 0)
@@ -180,6 +186,16 @@ class WriterLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing releases the flock
             self.fd = -1
+
+
+def _lock_error(path: str, exc: OSError) -> ChromaResumeError:
+    """No retry fixes these: a name too long for the filesystem is the user's to change (exit 2);
+    a read-only or lock-less state root is the environment's (exit 5)."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return UsageError(f"cannot create the writer lock {path}: the collection name is too long for this "
+                          f"filesystem ({exc.strerror}); choose a shorter --collection")
+    return RuntimeFailure(f"cannot lock {path}: {exc.strerror or exc} (the --state-root must be a writable local "
+                          f"folder that supports flock)")
 
 
 def _read_holder(fd: int) -> str:

@@ -62,9 +62,9 @@ def _samples(replay: wal.Replay | None, manifest: state.Manifest | None) -> list
     out: list[dict] = []
     if replay:
         for uri, gens in replay.generations.items():
-            for sha, g in gens.items():
+            for g in gens.values():
                 if g.committed and len(out) < 3:
-                    out.append({"uri": uri, "doc_id": g.doc_id, "content_sha256": sha, "n_chunks": g.n_chunks,
+                    out.append({"uri": uri, "doc_id": g.doc_id, "content_sha256": g.content_sha256, "n_chunks": g.n_chunks,
                                 "source": "wal"})
     if not out and manifest:
         for uri, d in list(manifest.documents.items())[:3]:

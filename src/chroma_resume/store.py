@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 from . import config as cfg
@@ -65,12 +66,21 @@ class Store:
     def count(self) -> int:
         return _retry(self.where, "count", self.collection.count)
 
-    def existing(self, ids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
+    def held(self, ids: Sequence[str], include: Sequence[str] = ("metadatas",)) -> dict[str, dict]:
+        """Which of `ids` Chroma holds, with the fields asked for (chunk-level resume, re-keying)."""
+        found: dict[str, dict] = {}
         for lo, hi in _spans([len(i) + ROW_OVERHEAD_BYTES for i in ids], self.max_batch):
             part = list(ids[lo:hi])
-            found.update(_retry(self.where, "get", lambda: self.collection.get(ids=part, include=[]))["ids"])
+            page = _retry(self.where, "get", lambda: self.collection.get(ids=part, include=list(include)))
+            for i, chunk_id in enumerate(page["ids"]):
+                found[chunk_id] = {field: page[field][i] for field in include}
         return found
+
+    def update_metadata(self, ids: list[str], metadatas: list[dict]) -> None:
+        """Metadata changed, text did not: rewrite it in place, keep the vectors."""
+        sizes = [len(i) + len(json.dumps(m)) + ROW_OVERHEAD_BYTES for i, m in zip(ids, metadatas)]
+        for lo, hi in _spans(sizes, self.max_batch):
+            _retry(self.where, "update", lambda: self.collection.update(ids=ids[lo:hi], metadatas=metadatas[lo:hi]))
 
     def scan(self, include: Sequence[str] = ()) -> Iterator[dict]:
         """Page through the whole collection: {'id', 'metadata', 'embedding', 'document'} per row."""
@@ -95,13 +105,25 @@ class Store:
         embeddings = page["embeddings"]
         return None if embeddings is None or len(embeddings) == 0 else len(embeddings[0])
 
-    def reset(self) -> "Store":
-        """Drop and recreate the collection (schema change or lost state with --…=reset)."""
-        name, metadata = self.collection.name, self.collection.metadata
+    def fingerprint(self) -> dict:
+        """What the collection says it holds (DESIGN §1: the collection is the truth, LATEST a copy)."""
+        meta = self.collection.metadata or {}
+        config = getattr(self.collection, "configuration_json", None) or {}
+        space = (config.get("hnsw") or {}).get("space") or meta.get(SPACE_KEY)
+        return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": space}
+
+    def recreate(self, schema: str, space: str) -> "Store":
+        """Drop the collection and create it anew with this config's space and fingerprint:
+        never the old collection's metadata (it would carry the old schema along)."""
+        name = self.collection.name
         _retry(self.where, "delete_collection", lambda: self.client.delete_collection(name))
-        collection = _retry(self.where, "create_collection", lambda: self.client.get_or_create_collection(
-            name, metadata=metadata, embedding_function=None))
-        return Store(self.client, collection, self.where)
+        return Store(self.client, _create(self.client, self.where, name, schema, space), self.where)
+
+    def nearest(self, vectors: Sequence, k: int) -> list[list[tuple[str, float, str | None]]]:
+        """Per query vector, the k chunks Chroma's index returns as (id, distance, document): what a search finds."""
+        found = _retry(self.where, "query", lambda: self.collection.query(
+            query_embeddings=list(vectors), n_results=k, include=["distances", "documents"]))
+        return [list(zip(*hits)) for hits in zip(found["ids"], found["distances"], found["documents"])]
 
 
 class Endpoint(str):
@@ -197,24 +219,37 @@ def _set_timeout(chroma, seconds: float) -> None:
     session.timeout = httpx.Timeout(seconds)
 
 
-def open_store(c: Config, create: bool = True) -> Store | None:
-    """The collection named by the config; None if it does not exist and create is False."""
+def open_store(c: Config, schema: str | None = None) -> Store | None:
+    """The collection named by the config. Without `schema`, None if it does not exist (readers
+    never create one); with it, a missing collection is created carrying that fingerprint."""
     chroma_client, where = client(c)
-    if not create:
-        names = _retry(where, "list_collections", chroma_client.list_collections)
-        if c.collection not in {getattr(n, "name", n) for n in names}:
+    collection = _retry(where, "get_collection", lambda: _get_or_none(chroma_client, c.collection))
+    if collection is None:
+        if schema is None:
             return None
-        collection = _retry(where, "get_collection", lambda: chroma_client.get_collection(c.collection, embedding_function=None))
-        return Store(chroma_client, collection, where)
-    try:
-        collection = chroma_client.get_or_create_collection(
-            c.collection, metadata={"hnsw:space": c.hnsw_space}, embedding_function=None)
-    except ValueError as exc:
-        raise UsageError(f"collection {c.collection!r}: {exc}") from None
-    except Exception:
-        collection = _retry(where, "get_or_create_collection", lambda: chroma_client.get_or_create_collection(
-            c.collection, metadata={"hnsw:space": c.hnsw_space}, embedding_function=None))
+        collection = _create(chroma_client, where, c.collection, schema, c.hnsw_space)
     return Store(chroma_client, collection, where)
+
+
+def _get_or_none(chroma_client, name: str):
+    """The collection, or None when Chroma says it does not exist (not an error to retry)."""
+    try:
+        return chroma_client.get_collection(name, embedding_function=None)
+    except Exception as exc:
+        if type(exc).__name__ == "NotFoundError":
+            return None
+        raise
+
+
+def _create(chroma_client, where: str, name: str, schema: str, space: str):
+    metadata = {SPACE_KEY: space, SCHEMA_KEY: schema, INCARNATION_KEY: uuid.uuid4().hex[:16]}
+    try:
+        return chroma_client.create_collection(name, metadata=metadata, embedding_function=None)
+    except ValueError as exc:
+        raise UsageError(f"collection {name!r}: {exc}") from None
+    except Exception:
+        return _retry(where, "create_collection", lambda: chroma_client.get_or_create_collection(
+            name, metadata=metadata, embedding_function=None))
 
 
 # ---- retries -----------------------------------------------------------------------------

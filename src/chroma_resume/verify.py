@@ -47,7 +47,7 @@ def verify(c: Config, *, fresh: bool = False) -> VerifyResult:
     checks.append(Check("manifest", latest == schema == manifest.schema_hash,
                         f"{p['manifest']} schema={manifest.schema_hash} LATEST={latest} config={schema}"))
     checks.append(_wal_check(p["wal"]))
-    db = store.open_store(c, create=False)
+    db = store.open_store(c)
     if db is None:
         checks.append(Check("collection", False, f"collection {c.collection!r} does not exist in {cfg.db_identity(c)}"))
         return VerifyResult(checks, f"run {build_cmd}")

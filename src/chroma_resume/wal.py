@@ -34,6 +34,7 @@ class RunStart(Event, kw_only=True, tag="RUN_START"):
     schema_hash: str
     collection: str
     db: str
+    incarnation: str = ""  # the collection's INCARNATION_KEY: a recreated collection is another one
     sync_mode: str
     config: dict
     pid: int
@@ -67,6 +68,7 @@ class DocBegin(Event, kw_only=True, tag="DOC_BEGIN"):
     old_content_sha256: str | None = None
     n_chunks: int
     kind: str
+    meta_sha256: str = ""
 
 
 class UpsertBatchCommitted(Event, kw_only=True, tag="UPSERT_BATCH_COMMITTED"):
@@ -81,6 +83,17 @@ class DocCommitted(Event, kw_only=True, tag="DOC_COMMITTED"):
     content_sha256: str
     n_chunks: int
     chunks_upserted_total: int
+    meta_sha256: str = ""  # every chunk of the generation is in Chroma with this metadata
+
+
+class DeleteIntent(Event, kw_only=True, tag="DELETE_INTENT"):
+    """Fsynced before a Chroma delete: a delete cannot be redone, so the WAL must know it may
+    have happened even when power loss drops the DELETE_*_DONE that follows."""
+    uri: str
+    doc_id: str
+    old_content_sha256: str
+    n_chunks: int
+    reason: str  # old | stale
 
 
 class DeleteOldDone(Event, kw_only=True, tag="DELETE_OLD_DONE"):
@@ -104,7 +117,7 @@ class DeleteStaleDone(Event, kw_only=True, tag="DELETE_STALE_DONE"):
 
 
 AnyEvent = Union[RunStart, RunResume, RunFinish, DocBegin, UpsertBatchCommitted,
-                 DocCommitted, DeleteOldDone, DocDone, DeleteStaleDone]
+                 DocCommitted, DeleteIntent, DeleteOldDone, DocDone, DeleteStaleDone]
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AnyEvent)
@@ -134,11 +147,27 @@ def decode(line: bytes) -> Event | None:
 # ---- replay ----------------------------------------------------------------------------
 
 class Generation(msgspec.Struct):
-    """One content version of a document that this run may have put into Chroma."""
+    """One content version of a document that this run touched in Chroma, and what the WAL
+    proves about it: begun (some chunks may be there), committed (all are, with meta_sha256),
+    deleting (a delete was about to run: some may be gone), deleted (none are)."""
     doc_id: str
+    content_sha256: str
     n_chunks: int
-    committed: bool = False
-    deleted: bool = False
+    state: str = "begun"
+    meta_sha256: str = ""
+
+    @property
+    def committed(self) -> bool:
+        return self.state == "committed"
+
+    @property
+    def deleted(self) -> bool:
+        return self.state == "deleted"
+
+
+def generation_key(doc_id: str, content_sha256: str) -> str:
+    """Generations are told apart by their chunk ids' prefix: a doc_id change is a new one."""
+    return f"{doc_id}:{content_sha256}"
 
 
 class Replay(msgspec.Struct, kw_only=True):
@@ -154,7 +183,7 @@ class Replay(msgspec.Struct, kw_only=True):
     resumes: int = 0
     committed_batches: int = 0
     chunks_upserted_total: int = 0
-    generations: dict[str, dict[str, Generation]] = {}  # uri -> sha -> generation
+    generations: dict[str, dict[str, Generation]] = {}  # uri -> generation_key -> generation
     done: dict[str, str] = {}  # uri -> sha of DOC_DONE
 
     @property
@@ -165,12 +194,17 @@ class Replay(msgspec.Struct, kw_only=True):
     def docs_committed(self) -> int:
         return sum(any(g.committed for g in gens.values()) for gens in self.generations.values())
 
-    def committed_sha(self, uri: str) -> set[str]:
-        return {sha for sha, g in self.generations.get(uri, {}).items() if g.committed}
+
+def _generation(r: Replay, uri: str, doc_id: str, sha: str, n_chunks: int) -> Generation:
+    gens = r.generations.setdefault(uri, {})
+    key = generation_key(doc_id, sha)
+    if key not in gens:
+        gens[key] = Generation(doc_id, sha, n_chunks)
+    return gens[key]
 
 
 def _apply(r: Replay, ev: Event) -> None:
-    gens = r.generations
+    """Fold one event; the last word about a generation wins (an undo re-begins a deleted one)."""
     if isinstance(ev, RunStart):
         r.start = ev
     elif isinstance(ev, RunResume):
@@ -179,16 +213,20 @@ def _apply(r: Replay, ev: Event) -> None:
     elif isinstance(ev, RunFinish):
         r.finish = ev
     elif isinstance(ev, DocBegin):
-        gens.setdefault(ev.uri, {}).setdefault(ev.content_sha256, Generation(ev.doc_id, ev.n_chunks))
+        g = _generation(r, ev.uri, ev.doc_id, ev.content_sha256, ev.n_chunks)
+        if g.state != "committed":  # a committed generation being rewritten (metadata) keeps its chunks
+            g.state, g.n_chunks = "begun", max(g.n_chunks, ev.n_chunks)
     elif isinstance(ev, UpsertBatchCommitted):
         r.committed_batches += 1
         r.chunks_upserted_total = ev.chunks_upserted_total
     elif isinstance(ev, DocCommitted):
-        g = gens.setdefault(ev.uri, {}).setdefault(ev.content_sha256, Generation(ev.doc_id, ev.n_chunks))
-        g.committed, g.deleted = True, False
+        g = _generation(r, ev.uri, ev.doc_id, ev.content_sha256, ev.n_chunks)
+        g.state, g.n_chunks, g.meta_sha256 = "committed", ev.n_chunks, ev.meta_sha256
+    elif isinstance(ev, DeleteIntent):
+        g = _generation(r, ev.uri, ev.doc_id, ev.old_content_sha256, ev.n_chunks)
+        g.state, g.n_chunks = "deleting", max(g.n_chunks, ev.n_chunks)
     elif isinstance(ev, (DeleteOldDone, DeleteStaleDone)):
-        g = gens.setdefault(ev.uri, {}).setdefault(ev.old_content_sha256, Generation(ev.doc_id, ev.deleted_chunks))
-        g.deleted, g.committed = True, False
+        _generation(r, ev.uri, ev.doc_id, ev.old_content_sha256, ev.deleted_chunks).state = "deleted"
     elif isinstance(ev, DocDone):
         r.done[ev.uri] = ev.content_sha256
 
@@ -292,6 +330,11 @@ class Writer:
         if self.policy == "doc":
             self.sync()
 
+    def barrier(self) -> None:
+        """Before a Chroma write the WAL cannot reconstruct (a delete, a new generation's first
+        upsert): everything logged so far becomes durable, whatever the policy."""
+        self.sync()
+
     def sync(self) -> None:
         if self.unsynced_events == 0:
             return
@@ -305,6 +348,23 @@ class Writer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class NullWriter:
+    """`--wal off`: the same calls, nothing written."""
+    run_id = ""
+
+    def append(self, event: Event) -> None:
+        pass
+
+    def commit_group(self) -> None:
+        pass
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _fsync_dir(path: str) -> None:

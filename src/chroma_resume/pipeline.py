@@ -1,0 +1,249 @@
+"""The embed → upsert → log pipeline: documents in, facts Chroma accepted out, in WAL order.
+
+Per batch of chunks (a batch spans documents; a document may span batches):
+  1. prepare: which ids Chroma already holds, and with what metadata (chunk-level resume);
+     vectors for the missing ones from a generation being re-keyed, then the cache; the
+     rest go to the model on a worker thread (`VectorSource.encode`: texts in, float32
+     rows out, the one stage a pool of remote embedding workers can stand in for);
+  2. write, once the vectors are back: barrier (the DOC_BEGINs are durable), upsert the
+     missing, update changed metadata in place, log, then delete the old generations of
+     the documents now complete.
+The model computes batch N+1 while this thread writes batch N and reads and chunks the
+documents after it. Only this thread touches Chroma, the cache and the WAL, so their
+order is the order of DESIGN §4, whatever the model's speed.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import msgspec
+import numpy as np
+
+from . import config as cfg
+from . import embedding, failpoints, state, wal
+from .chunking import chunk_text
+from .config import Config
+from .corpus import Document
+from .plan import DocAction, Generation
+from .reporting import Progress, Warnings
+
+
+class Counters(msgspec.Struct, kw_only=True):
+    chunks_embedded: int = 0  # model calls
+    chunks_from_cache: int = 0
+    chunks_rekeyed: int = 0  # vectors reused from another doc_id's generation
+    chunks_already_held: int = 0  # found in Chroma by chunk-level resume
+    chunks_metadata_updated: int = 0
+    chunks_upserted: int = 0
+    chunks_deleted: int = 0
+    docs_processed: int = 0
+
+
+class OpenDoc(msgspec.Struct):
+    action: DocAction
+    doc: Document
+    n_chunks: int
+    remaining: int
+
+
+class Chunk(msgspec.Struct):
+    id: str
+    text: str
+    metadata: dict
+    owner: OpenDoc
+    reuse_id: str | None = None
+
+
+class VectorSource:
+    """Vectors for texts: the cache first (`lookup`, `remember`: the build's thread), the model for
+    the rest (`encode`: the worker thread; loaded on the first miss). `encode` is the whole
+    contract a pool of remote embedding workers would have to meet: texts in, float32 rows out."""
+
+    def __init__(self, c: Config, warn: Warnings, counters: Counters):
+        self.c, self.warn, self.counters = c, warn, counters
+        self.model = None
+        self.dim: int | None = None  # of the vectors handed out so far
+        self.cache = None
+        if c.embed_cache != "off":
+            from . import cache
+            self.cache = cache.open_cache(c, embedding.model_fingerprint(c), warn)
+
+    def lookup(self, texts: list[str]) -> dict[int, np.ndarray]:
+        found = self.cache.get_many(texts) if self.cache and texts else {}
+        self.counters.chunks_from_cache += len(found)
+        return found
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if self.model is None:
+            self.model = embedding.load(self.c)
+        return np.asarray(self.model.encode(texts), dtype=np.float32)
+
+    def remember(self, texts: list[str], vectors: np.ndarray) -> None:
+        """Before the upsert of the same rows: a kill after it keeps what the model paid for."""
+        self.counters.chunks_embedded += len(texts)
+        if self.cache:
+            self.cache.put_many(texts, vectors)
+
+    def close(self) -> None:
+        if self.cache:
+            self.cache.close()
+
+
+class _Prepared(msgspec.Struct):
+    """A batch looked up and handed to the model; written once its vectors are back."""
+    batch: list[Chunk]
+    todo: list[Chunk]  # not in Chroma: upserted
+    restamp: list[Chunk]  # in Chroma with other metadata: updated in place
+    vectors: dict[int, np.ndarray]  # index in todo -> vector, from re-keying or the cache
+    misses: list[int]  # indexes in todo the model computes
+    computing: Future | None
+
+
+class Pipeline:
+    """Feeds documents through look → vectors → write; calls `committed(opened)` per document
+    once all its chunks are in Chroma, after its old generations are deleted."""
+
+    def __init__(self, c: Config, db, log: wal.Writer | wal.NullWriter, source: VectorSource,
+                 warn: Warnings, counters: Counters, committed: Callable[[OpenDoc], None],
+                 progress: Progress, totals: dict):
+        self.c, self.db, self.log, self.source, self.warn = c, db, log, source, warn
+        self.counters, self.committed, self.progress, self.totals = counters, committed, progress, totals
+        self.buffer: deque[Chunk] = deque()
+        self.settled: list[OpenDoc] = []  # complete documents whose old generations are to delete
+        self.pending: _Prepared | None = None  # the batch whose vectors the model is computing
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+
+    def add(self, action: DocAction, doc: Document) -> None:
+        c = self.c
+        texts = chunk_text(doc.text, c.chunk_chars, c.overlap_chars, c.min_chunk_chars)
+        self.log.append(wal.DocBegin(uri=doc.uri, doc_id=doc.doc_id, content_sha256=doc.content_sha256,
+                                     old_content_sha256=action.old_content_sha256, n_chunks=len(texts),
+                                     kind=action.kind, meta_sha256=action.meta_sha256))
+        opened = OpenDoc(action, doc, len(texts), len(texts))
+        reuse = next((g for g in action.reuse if g.n_chunks == len(texts)), None)
+        for i, text in enumerate(texts):
+            meta = state.chunk_metadata(doc.uri, doc.doc_id, doc.content_sha256, doc.source_type, doc.metadata,
+                                        i, len(texts), text)
+            self.buffer.append(Chunk(state.chunk_id(doc.doc_id, doc.content_sha256, i), text, meta, opened,
+                                     state.chunk_id(reuse.doc_id, reuse.content_sha256, i) if reuse else None))
+        if not texts:
+            self.settled.append(self._done(opened))
+        while len(self.buffer) >= c.upsert_batch:
+            self.flush_one()
+
+    def finish(self) -> None:
+        while self.buffer:
+            self.flush_one()
+        if self.pending is not None:
+            prepared, self.pending = self.pending, None
+            self._write(prepared)
+        self.settle()
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)
+
+    def flush_one(self) -> None:
+        """Hand the next batch to the model, then write the previous one while it computes."""
+        batch = [self.buffer.popleft() for _ in range(min(self.c.upsert_batch, len(self.buffer)))]
+        prepared = self._prepare(batch)
+        if self.pending is not None:
+            self._write(self.pending)
+        self.pending = prepared
+
+    def _prepare(self, batch: list[Chunk]) -> _Prepared:
+        held = self.db.held([ch.id for ch in batch])
+        todo = [ch for ch in batch if ch.id not in held]
+        restamp = [ch for ch in batch if ch.id in held and held[ch.id]["metadatas"] != ch.metadata]
+        self.counters.chunks_already_held += len(batch) - len(todo)
+        reused = self.db.held([ch.reuse_id for ch in todo if ch.reuse_id], include=("embeddings",))
+        vectors = {i: np.asarray(reused[ch.reuse_id]["embeddings"], dtype=np.float32)
+                   for i, ch in enumerate(todo) if ch.reuse_id in reused}
+        self.counters.chunks_rekeyed += len(vectors)
+        rest = [i for i in range(len(todo)) if i not in vectors]
+        cached = self.source.lookup([todo[i].text for i in rest])
+        vectors.update({rest[k]: v for k, v in cached.items()})
+        misses = [i for i in rest if i not in vectors]
+        computing = self.worker.submit(self.source.encode, [todo[i].text for i in misses]) if misses else None
+        return _Prepared(batch, todo, restamp, vectors, misses, computing)
+
+    def _write(self, p: _Prepared) -> None:
+        if p.computing is not None:
+            fresh = p.computing.result()
+            self.source.remember([p.todo[i].text for i in p.misses], fresh)
+            p.vectors.update(zip(p.misses, fresh))
+            self._embed_log([p.todo[i] for i in p.misses])
+        self.log.barrier()  # the DOC_BEGINs of these chunks are durable before Chroma sees them
+        if failpoints.enabled("bug.commit_before_upsert"):
+            self._account(p.batch)
+        if p.todo:
+            vectors = np.stack([p.vectors[i] for i in range(len(p.todo))])
+            self.source.dim = vectors.shape[1]
+            self.db.upsert([ch.id for ch in p.todo], vectors, [ch.text for ch in p.todo],
+                           [ch.metadata for ch in p.todo])
+        if p.restamp:
+            self.db.update_metadata([ch.id for ch in p.restamp], [ch.metadata for ch in p.restamp])
+            self.counters.chunks_metadata_updated += len(p.restamp)
+        written = len(p.todo) + len(p.restamp)
+        self.totals["batch_no"] += 1
+        self.totals["upserted"] += written
+        self.counters.chunks_upserted += written
+        self.log.append(wal.UpsertBatchCommitted(batch_no=self.totals["batch_no"], batch_size=written,
+                                                 chunks_upserted_total=self.totals["upserted"]))
+        if not failpoints.enabled("bug.commit_before_upsert"):
+            self._account(p.batch)
+        self.progress.advance(chunks=len(p.batch))
+        self.settle()
+
+    def _account(self, batch: list[Chunk]) -> None:
+        for ch in batch:
+            ch.owner.remaining -= 1
+            if ch.owner.remaining == 0:
+                self.settled.append(self._done(ch.owner))
+
+    def _done(self, opened: OpenDoc) -> OpenDoc:
+        a = opened.action
+        self.log.append(wal.DocCommitted(uri=a.uri, doc_id=opened.doc.doc_id, content_sha256=opened.doc.content_sha256,
+                                         n_chunks=opened.n_chunks, chunks_upserted_total=self.totals["upserted"],
+                                         meta_sha256=a.meta_sha256))
+        return opened
+
+    def settle(self) -> None:
+        """Delete the old generations of every document completed so far, then close the group."""
+        settled, self.settled = self.settled, []
+        delete_generations(self.db, self.log, [g for o in settled for g in o.action.old_generations], "old",
+                           self.c.delete_batch, self.counters)
+        for opened in settled:
+            self.log.append(wal.DocDone(uri=opened.doc.uri, doc_id=opened.doc.doc_id,
+                                        content_sha256=opened.doc.content_sha256))
+            self.counters.docs_processed += 1
+            self.progress.advance(docs=1)
+            self.committed(opened)
+        self.log.commit_group()
+
+    def _embed_log(self, chunks: list[Chunk]) -> None:
+        if self.c.embed_log and chunks:
+            fd = os.open(cfg.path(self.c, self.c.embed_log), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, "".join(f"{ch.id}\n" for ch in chunks).encode())
+            finally:
+                os.close(fd)
+
+
+def delete_generations(db, log, gens: list[Generation], reason: str, batch: int, counters: Counters) -> None:
+    """Intent records, one barrier, the deletes, then the facts. A delete cannot be redone, so
+    the WAL knows it may have happened before Chroma is asked (DESIGN §3)."""
+    if not gens or failpoints.enabled("bug.skip_old_delete") and reason == "old":
+        return
+    for g in gens:
+        log.append(wal.DeleteIntent(uri=g.uri, doc_id=g.doc_id, old_content_sha256=g.content_sha256,
+                                    n_chunks=g.n_chunks, reason=reason))
+    if not failpoints.enabled("bug.delete_before_barrier"):
+        log.barrier()
+    db.delete([i for g in gens for i in state.generation_ids(g.doc_id, g.content_sha256, g.n_chunks)], batch)
+    done = wal.DeleteOldDone if reason == "old" else wal.DeleteStaleDone
+    for g in gens:
+        log.append(done(uri=g.uri, doc_id=g.doc_id, old_content_sha256=g.content_sha256, deleted_chunks=g.n_chunks))
+        counters.chunks_deleted += g.n_chunks
