@@ -66,11 +66,16 @@ def task_resume_status():
 
 
 def task_verify():
-    """CI gate: fail unless the collection matches the manifest exactly."""
-    return {"actions": [_action("verify", ("fresh", "report", "junit"))],
-            "params": _params(_flag("fresh", "also fail when the corpus changed since the manifest"),
+    """CI gate: fail unless the collection holds exactly what the manifest implies."""
+    return {"actions": [_action("verify", ("fresh", "report", "junit", "deep", "seed", "tolerance"))],
+            "params": _params(_flag("fresh", "also fail when the corpus changed or re-chunks to other texts"),
                               _value("report", "write the checks as JSON to FILE"),
-                              _value("junit", "write the checks as JUnit XML to FILE")),
+                              _value("junit", "write the checks as JUnit XML to FILE"),
+                              _value("deep", "re-embed N sampled chunks (or all) and check Chroma finds each one"),
+                              {"name": "seed", "long": "seed", "type": int, "default": None,
+                               "help": "seed of the --deep sample (default 0)"},
+                              {"name": "tolerance", "long": "tolerance", "type": float, "default": None,
+                               "help": "least cosine of a re-embedded chunk (default 0.999)"}),
             "uptodate": [False]}
 
 

@@ -137,14 +137,22 @@ def cmd_status(c: cfg.Config, args) -> int:
 
 
 def cmd_verify(c: cfg.Config, args) -> int:
-    from .verify import verify, write_junit, write_report
-    result = verify(c, fresh=args.fresh)
+    from .verify import deep_options, prepare_output, verify, write_junit, write_report
+    deep = deep_options(args.deep, args.seed, args.tolerance)
+    given = ((args.report, write_report), (args.junit, write_junit))
+    outputs = [(cfg.path(c, target), write) for target, write in given if target]
+    for target, _ in outputs:  # a bad path fails now (exit 2), not after the audit
+        prepare_output(target)
+    result = verify(c, fresh=args.fresh, deep=deep)
     for check in result.checks:
         print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
-    if args.report:
-        write_report(result, args.report)
-    if args.junit:
-        write_junit(result, args.junit)
+        if check.fix:
+            print(f"       fix: {check.fix}")
+    if result.deep is not None:
+        print(f"[DEEP] seed={result.deep.seed} tolerance={result.deep.tolerance} sampled={len(result.sample)} "
+              f"ids={' '.join(result.sample) if result.deep.size else 'all'}")
+    for target, write in outputs:
+        write(result, target)
     if result.ok:
         print("verify: ok")
         return 0
@@ -203,9 +211,14 @@ def parser() -> argparse.ArgumentParser:
         if name == "resume-status":
             sub.add_argument("--json", action="store_true", help="one JSON object instead of key=value lines")
         if name == "verify":
-            sub.add_argument("--fresh", action="store_true", help="also fail when the corpus changed since the manifest")
+            sub.add_argument("--fresh", action="store_true",
+                             help="also fail when the corpus changed or re-chunks to other texts")
             sub.add_argument("--report", metavar="FILE.json", help="write the checks as JSON")
             sub.add_argument("--junit", metavar="FILE.xml", help="write the checks as JUnit XML")
+            sub.add_argument("--deep", metavar="N|all", help="re-embed N sampled chunks (or all), compare with the "
+                                                             "stored vectors and check Chroma finds each one")
+            sub.add_argument("--seed", type=int, help="seed of the --deep sample (default 0)")
+            sub.add_argument("--tolerance", type=float, help="least cosine of a re-embedded chunk (default 0.999)")
         if name == "clean-wal":
             sub.add_argument("--force", action="store_true", help="also remove an unfinished run's WAL")
             sub.add_argument("--archive", metavar="DIR", help="gzip the WAL into DIR instead of deleting it")
