@@ -87,6 +87,11 @@ def task_clean_wal():
             "uptodate": [False]}
 
 
+def task_repair():
+    """Set an unreadable embedded Chroma folder aside, rebuild it from the embedding cache, verify."""
+    return {"actions": [_action("repair")], "params": _params(), "uptodate": [False]}
+
+
 def task_cache_stats():
     """What the embedding cache holds, per model fingerprint (loads no model)."""
     return {"basename": "cache-stats", "actions": [_action("cache-stats")], "params": _params(),

@@ -18,7 +18,7 @@ from conftest import HASH_BUILD, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
-ALL_CHECKS = ["manifest", "wal", "fingerprint", "count", "ids", "metadata", "text", "dimension", "vectors"]
+ALL_CHECKS = ["manifest", "wal", "store", "fingerprint", "count", "ids", "metadata", "text", "dimension", "vectors"]
 KILL_AT_3RD_COMMIT = {"CHROMA_RESUME_FAILPOINTS": "wal.after_append:DOC_COMMITTED@3=kill"}
 
 

@@ -23,10 +23,14 @@ import msgspec
 from . import config as cfg
 from . import corpus, embedding, failpoints, state, store, wal
 from .config import Config
-from .errors import CheckFailed, ChromaResumeError, Interrupted, UsageError, WalCorrupt
+from .errors import CheckFailed, ChromaResumeError, Interrupted, StoreCorrupt, UsageError, WalCorrupt
 from .pipeline import Counters, OpenDoc, Pipeline, VectorSource, delete_generations
 from .plan import DocAction, Plan, ResumeDecision, make_plan, resume_decision
 from .reporting import Progress, Warnings
+
+
+STORE_FIX = ("Run the build with --on-store-corrupt rebuild (the default) or `chroma-resume repair`: it sets the "
+             "folder aside and rebuilds the collection from the corpus, with vectors from the embedding cache")
 
 
 class Summary(msgspec.Struct, kw_only=True):
@@ -47,6 +51,7 @@ class Summary(msgspec.Struct, kw_only=True):
     chunks_deleted: int = 0
     expected_chunks: int = 0
     collection_count: int = 0
+    store_set_aside: str = ""  # where an unreadable Chroma folder was moved before the rebuild
     elapsed_sec: float = 0.0
 
 
@@ -91,6 +96,7 @@ class _Run:
         c, p = self.c, self.p
         manifest = state.load_manifest(p["manifest"])
         replay = wal.read(p["wal"])
+        self._readable_store()
         self.db = db = self._collection()
         incarnation = db.fingerprint()["incarnation"]
         if manifest is not None and (manifest.incarnation != incarnation or manifest.db != cfg.db_identity(c)):
@@ -119,6 +125,20 @@ class _Run:
             raise
         finally:
             self.source.close()
+
+    def _readable_store(self) -> None:
+        """A store whose files cannot be read is set aside and rebuilt (embedded, --on-store-corrupt
+        rebuild): the manifest then names a collection that is gone, so every document is planned
+        again, and the embedding cache pays for the vectors. A server's store is only reported."""
+        c = self.c
+        try:
+            store.probe(c)
+        except StoreCorrupt as exc:
+            if c.chroma_host or c.on_store_corrupt == "fail":
+                raise StoreCorrupt(f"{exc}. {STORE_FIX if not c.chroma_host else 'Repair or restore the server.'}") \
+                    from None
+            self.summary.store_set_aside = store.set_aside(c)
+            self.warn("store_set_aside", path=self.summary.store_set_aside, cause=str(exc))
 
     def _collection(self) -> store.Store:
         """The collection, created or reset so that its fingerprint is this schema (DESIGN §4)."""
@@ -175,6 +195,7 @@ class _Run:
         self._tally()
         self._finish(True, "ok")
         s.elapsed_sec = round(time.monotonic() - started, 3)
+        store.make_durable(c)  # a manifest on disk means the collection it describes is on disk too
         self._write_manifest(manifest)
         self._clear_wal()
         return s

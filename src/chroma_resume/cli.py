@@ -120,9 +120,32 @@ def cmd_build(c: cfg.Config, args) -> int:
     summary = build(c)
     for key, value in _fields(summary).items():
         print(f"{key}={value}")
+    if summary.store_set_aside:  # a rebuilt store must prove itself before anyone uses it
+        return _verified(c)
     if summary.docs_processed == 0 and summary.chunks_deleted == 0:
         print("[BUILD] up to date: nothing embedded, nothing deleted")
     return 0
+
+
+def cmd_repair(c: cfg.Config, args) -> int:
+    """A build that rebuilds an unreadable embedded store (whatever --on-store-corrupt says), then verify."""
+    import msgspec
+
+    from .build import build
+    summary = build(msgspec.structs.replace(c, on_store_corrupt="rebuild"))
+    print(f"[REPAIR] {'store set aside at ' + summary.store_set_aside if summary.store_set_aside else 'store readable'}; "
+          f"chunks_embedded={summary.chunks_embedded} chunks_from_cache={summary.chunks_from_cache}")
+    return _verified(c)
+
+
+def _verified(c: cfg.Config) -> int:
+    from .verify import verify
+    result = verify(c)
+    for check in result.checks:
+        print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+    if not result.ok:
+        print(f"fix: {result.fix}", file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 def cmd_status(c: cfg.Config, args) -> int:
@@ -191,6 +214,7 @@ COMMANDS = {
     "resume-status": (cmd_status, "read-only report of the state, the WAL and what a build would do"),
     "verify": (cmd_verify, "check that the collection matches the manifest (CI gate)"),
     "clean-wal": (cmd_clean_wal, "remove or archive the WAL of a finished run"),
+    "repair": (cmd_repair, "set an unreadable embedded Chroma folder aside, rebuild it from the cache, verify"),
     "cache-stats": (cmd_cache_stats, "what the embedding cache holds, per model fingerprint (loads no model)"),
     "cache-prune": (cmd_cache_prune, "drop embedding cache entries of other models or unused for N days, then vacuum"),
 }

@@ -7,6 +7,7 @@
     ├── LockHeld                 (exit 3)  another writer holds writer.lock
     ├── WalCorrupt               (exit 4)  WAL damaged before its tail, newer version, or unusable
     ├── RuntimeFailure           (exit 5)  Chroma unreachable after retries, disk full, I/O error
+    │   └── StoreCorrupt         (exit 5)  Chroma's files cannot be read (e.g. segments emptied by a power cut)
     └── Interrupted              (exit 130) SIGINT/SIGTERM after the in-flight batch was logged
 
 Exit 5 is our addition to DESIGN §7: a run that failed for reasons outside the
@@ -40,6 +41,10 @@ class WalCorrupt(ChromaResumeError):
 
 class RuntimeFailure(ChromaResumeError):
     exit_code = 5
+
+
+class StoreCorrupt(RuntimeFailure):
+    """Waiting cannot fix it, rebuilding can: never retried, reported once with the fix."""
 
 
 class Interrupted(ChromaResumeError):

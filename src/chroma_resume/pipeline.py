@@ -95,8 +95,8 @@ class VectorSource:
 class _Prepared(msgspec.Struct):
     """A batch looked up and handed to the model; written once its vectors are back."""
     batch: list[Chunk]
-    todo: list[Chunk]  # not in Chroma: upserted
-    restamp: list[Chunk]  # in Chroma with other metadata: updated in place
+    todo: list[Chunk]  # to upsert: missing, or held with other text or metadata
+    metadatas: list[dict]  # what to send for each (Chroma merges: a key to drop is sent as None)
     vectors: dict[int, np.ndarray]  # index in todo -> vector, from re-keying or the cache
     misses: list[int]  # indexes in todo the model computes
     computing: Future | None
@@ -154,20 +154,32 @@ class Pipeline:
         self.pending = prepared
 
     def _prepare(self, batch: list[Chunk]) -> _Prepared:
-        held = self.db.held([ch.id for ch in batch])
-        todo = [ch for ch in batch if ch.id not in held]
-        restamp = [ch for ch in batch if ch.id in held and held[ch.id]["metadatas"] != ch.metadata]
+        """What to write and where its vectors come from: a row Chroma holds with the same text
+        keeps its own vector (only metadata changes: rewritten whole, so no stale key survives),
+        a re-keyed row takes the old doc_id's, then the cache, then the model. A refresh
+        (--sync-mode delete-stale) rewrites every row."""
+        held = self.db.held([ch.id for ch in batch], include=("metadatas", "documents"))
+
+        def same_text(ch: Chunk) -> bool:
+            return ch.id in held and held[ch.id]["documents"] == ch.text and ch.owner.action.kind != "refresh"
+
+        todo = [ch for ch in batch if not (same_text(ch) and held[ch.id]["metadatas"] == ch.metadata)]
+        # Chroma merges an upsert's metadata into the stored one: a stored key we no longer write is removed with None.
+        metadatas = [{**{k: None for k in (held[ch.id]["metadatas"] or {}) if k not in ch.metadata}, **ch.metadata}
+                     if ch.id in held else ch.metadata for ch in todo]
         self.counters.chunks_already_held += len(batch) - len(todo)
-        reused = self.db.held([ch.reuse_id for ch in todo if ch.reuse_id], include=("embeddings",))
-        vectors = {i: np.asarray(reused[ch.reuse_id]["embeddings"], dtype=np.float32)
-                   for i, ch in enumerate(todo) if ch.reuse_id in reused}
-        self.counters.chunks_rekeyed += len(vectors)
+        source_of = {i: ch.id if same_text(ch) else ch.reuse_id for i, ch in enumerate(todo)}
+        stored = self.db.held([s for s in source_of.values() if s], include=("embeddings",))
+        vectors = {i: np.asarray(stored[s]["embeddings"], dtype=np.float32) for i, s in source_of.items() if s in stored}
+        restamped = sum(1 for i in vectors if source_of[i] == todo[i].id)
+        self.counters.chunks_metadata_updated += restamped
+        self.counters.chunks_rekeyed += len(vectors) - restamped
         rest = [i for i in range(len(todo)) if i not in vectors]
         cached = self.source.lookup([todo[i].text for i in rest])
         vectors.update({rest[k]: v for k, v in cached.items()})
         misses = [i for i in rest if i not in vectors]
         computing = self.worker.submit(self.source.encode, [todo[i].text for i in misses]) if misses else None
-        return _Prepared(batch, todo, restamp, vectors, misses, computing)
+        return _Prepared(batch, todo, metadatas, vectors, misses, computing)
 
     def _write(self, p: _Prepared) -> None:
         if p.computing is not None:
@@ -181,12 +193,8 @@ class Pipeline:
         if p.todo:
             vectors = np.stack([p.vectors[i] for i in range(len(p.todo))])
             self.source.dim = vectors.shape[1]
-            self.db.upsert([ch.id for ch in p.todo], vectors, [ch.text for ch in p.todo],
-                           [ch.metadata for ch in p.todo])
-        if p.restamp:
-            self.db.update_metadata([ch.id for ch in p.restamp], [ch.metadata for ch in p.restamp])
-            self.counters.chunks_metadata_updated += len(p.restamp)
-        written = len(p.todo) + len(p.restamp)
+            self.db.upsert([ch.id for ch in p.todo], vectors, [ch.text for ch in p.todo], p.metadatas)
+        written = len(p.todo)
         self.totals["batch_no"] += 1
         self.totals["upserted"] += written
         self.counters.chunks_upserted += written

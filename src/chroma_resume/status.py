@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from . import config as cfg
-from . import state, wal
+from . import state, store, wal
 from .config import Config
 from .errors import ChromaResumeError
 from .plan import resume_decision
@@ -51,8 +51,14 @@ def status(c: Config) -> dict:
     else:
         decision = resume_decision(replay, mode=c.resume, schema_hash=schema, collection=c.collection,
                                    db=cfg.db_identity(c),
-                                   manifest_run_id=manifest.last_build.get("run_id") if manifest else None)
+                                   manifest_run_id=manifest.last_build.get("run_id") if manifest else None,
+                                   wal_enabled=c.wal)
         report["resume_active"], report["resume_reason"] = decision.active, decision.reason
+    damaged = store.damaged_files(c)
+    report["store_ok"] = not damaged
+    if damaged:  # what a power cut leaves: Chroma's segment files emptied
+        report["store_damaged_files"] = damaged[:3]
+        report["store_fix"] = "doit build (or chroma-resume repair): sets the folder aside, rebuilds from the cache"
     report["samples"] = _samples(replay, manifest)
     return report
 
@@ -92,6 +98,10 @@ def up_to_date(c: Config) -> tuple[bool, str]:
         return False, str(exc)
     if manifest is None or manifest.db != cfg.db_identity(c):
         return False, "no manifest for this database"
+    if not c.chroma_host and not os.path.exists(os.path.join(cfg.path(c, c.db), "chroma.sqlite3")):
+        return False, "the Chroma folder is missing"
+    if store.damaged_files(c):
+        return False, "the Chroma folder is damaged"
     with open(os.devnull, "w") as quiet:
         current = {d.uri: d.content_sha256 for d in corpus.scan(c, Warnings(stream=quiet))}
     recorded = {uri: entry.content_sha256 for uri, entry in manifest.documents.items()}

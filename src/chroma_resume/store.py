@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from . import config as cfg
 from . import failpoints
 from .config import Config
-from .errors import ChromaResumeError, RuntimeFailure, UsageError
+from .errors import ChromaResumeError, RuntimeFailure, StoreCorrupt, UsageError
 
 # Retries (see _retry): pauses double from the first to the cap, within --retry-for seconds in all.
 RETRY_FIRST_DELAY = 0.25
@@ -76,12 +76,6 @@ class Store:
                 found[chunk_id] = {field: page[field][i] for field in include}
         return found
 
-    def update_metadata(self, ids: list[str], metadatas: list[dict]) -> None:
-        """Metadata changed, text did not: rewrite it in place, keep the vectors."""
-        sizes = [len(i) + len(json.dumps(m)) + ROW_OVERHEAD_BYTES for i, m in zip(ids, metadatas)]
-        for lo, hi in _spans(sizes, self.max_batch):
-            _retry(self.where, "update", lambda: self.collection.update(ids=ids[lo:hi], metadatas=metadatas[lo:hi]))
-
     def scan(self, include: Sequence[str] = ()) -> Iterator[dict]:
         """Page through the whole collection: {'id', 'metadata', 'embedding', 'document'} per row."""
         offset = 0
@@ -124,6 +118,77 @@ class Store:
         found = _retry(self.where, "query", lambda: self.collection.query(
             query_embeddings=list(vectors), n_results=k, include=["distances", "documents"]))
         return [list(zip(*hits)) for hits in zip(found["ids"], found["distances"], found["documents"])]
+
+
+def probe(c: Config) -> None:
+    """Read the collection the way a build will (count, one id, one vector), so damaged files show up
+    as StoreCorrupt here, before anything is planned on top of them."""
+    db = open_store(c)
+    if db is not None:
+        db.count()
+        _retry(db.where, "get", lambda: db.collection.get(include=["embeddings"], limit=1))
+
+
+def make_durable(c: Config) -> None:
+    """fsync every file and folder of an embedded Chroma: Chroma does not fsync its segment files, so a
+    power cut after a build could empty them. Run before the manifest, a manifest on disk then means
+    the collection it describes is on disk too. A server's files are the server's to keep."""
+    if c.chroma_host:
+        return
+    root = cfg.path(c, c.db)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(os.path.join(folder, name), os.O_RDONLY)
+        _fsync_path(folder, os.O_RDONLY)
+    _fsync_path(os.path.dirname(root), os.O_RDONLY)
+
+
+def _fsync_path(path: str, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return  # Chroma removed a temporary file while we walked
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot open {path} to make it durable: {exc.strerror}") from None
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot fsync {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def set_aside(c: Config) -> str:
+    """Rename a broken embedded Chroma folder to `<db>.corrupt-<timestamp>` (never deleted: it may hold
+    something a person wants back) and forget the clients chromadb cached for that path."""
+    from chromadb.api.client import SharedSystemClient
+
+    root = cfg.path(c, c.db)
+    aside = f"{root}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    try:
+        os.replace(root, aside)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot set the broken Chroma folder {root} aside: {exc.strerror}") from None
+    SharedSystemClient.clear_system_cache()
+    return aside
+
+
+# Segment files Chroma always writes with content; an empty one is what a power cut leaves
+# (link_lists.bin is legitimately empty in a small index).
+_NEVER_EMPTY = ("header.bin", "data_level0.bin", "length.bin", "index_metadata.pickle", "chroma.sqlite3")
+
+
+def damaged_files(c: Config) -> list[str]:
+    """Files of an embedded Chroma folder that cannot be right, found without opening Chroma
+    (for resume-status and doit's up-to-date check, which import no chromadb)."""
+    if c.chroma_host:
+        return []
+    root = cfg.path(c, c.db)
+    found = []
+    for folder, _, files in os.walk(root):
+        found += [os.path.join(folder, n) for n in files if n in _NEVER_EMPTY
+                  and os.path.getsize(os.path.join(folder, n)) == 0]
+    return sorted(found)
 
 
 class Endpoint(str):
@@ -266,6 +331,8 @@ def _retry(where: str, what: str, call: Callable):
         except ChromaResumeError:
             raise  # already says what happened (e.g. a bad option found while connecting)
         except Exception as exc:
+            if _corrupt(exc):
+                raise StoreCorrupt(f"Chroma at {where} cannot read its own files ({what}: {_describe(exc)})") from None
             if not _transient(exc):
                 raise _refused(where, what, exc) from None
             now = time.monotonic()
@@ -301,6 +368,16 @@ def _transient(exc: BaseException) -> bool:
         if isinstance(link, ValueError) and str(link).startswith("Could not connect to a Chroma server"):
             return True
     return False
+
+
+# What chromadb says when its files are damaged (segments emptied or cut short by a power loss,
+# a malformed SQLite file), as opposed to a server it cannot reach: waiting never fixes these.
+_CORRUPT_SIGNS = ("segment reader", "Error deserializing", "Error loading hnsw", "database disk image is malformed",
+                  "file is not a database")
+
+
+def _corrupt(exc: BaseException) -> bool:
+    return any(sign in str(link) for link in _chain(exc) for sign in _CORRUPT_SIGNS)
 
 
 def _status_transient(status: int) -> bool:

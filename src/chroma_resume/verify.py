@@ -24,7 +24,7 @@ from . import config as cfg
 from . import corpus, embedding, state, store, wal
 from .chunking import chunk_text
 from .config import Config
-from .errors import ChromaResumeError, UsageError
+from .errors import ChromaResumeError, StoreCorrupt, UsageError
 from .plan import resume_decision
 from .reporting import Progress, Warnings
 
@@ -43,14 +43,7 @@ def _build(*options: str) -> str:
 RESUME = f"resume it: {_build()}; or discard it: doit clean-wal --force (or chroma-resume clean-wal --force)"
 RECONCILE = _build("--strict-sync", "true")  # compares id sets: deletes orphans, restores missing chunks
 BUILD = _build()  # writes what is missing or stale: manifest, collection, fingerprint, a changed corpus
-REWRITE = "re-write every chunk:"  # see _rewrite
-
-
-def _rewrite(manifest: str) -> str:
-    """The one repair that re-writes chunks Chroma already holds (a build keeps those, even with
-    --sync-mode delete-stale): with no manifest and the WAL not resumed, the build recreates the
-    collection, taking the vectors from the embedding cache."""
-    return f"{REWRITE} mv {manifest} {manifest}.bad; then {_build('--resume', 'off', '--on-missing-state', 'reset')}"
+REWRITE = _build("--sync-mode", "delete-stale")  # re-writes every chunk, vectors from the cache
 
 
 def _rank(fix: str) -> int:
@@ -106,6 +99,10 @@ def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: 
     checks = [manifest_check, _wal_check(c, p["wal"], schema, manifest)]
     if manifest is None:
         return VerifyResult(checks)
+    store_check = _store_check(c)
+    checks.append(store_check)
+    if not store_check.ok:
+        return VerifyResult(checks)
     db = store.open_store(c)
     if db is None:
         checks.append(Check("collection", False, f"collection {c.collection!r} does not exist in "
@@ -114,7 +111,7 @@ def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: 
     checks.append(_fingerprint_check(c, db.fingerprint(), schema, manifest))
     expected = {chunk_id: _Slot(uri, entry, i) for uri, entry in manifest.documents.items()
                 for i, chunk_id in enumerate(state.generation_ids(entry.doc_id, entry.content_sha256, entry.n_chunks))}
-    rewrite = _rewrite(p["manifest"])
+    rewrite = REWRITE
     audit = _Audit(expected, manifest.dim, rewrite)
     for row in db.scan(include=("metadatas", "documents", "embeddings")):
         audit.add(row)
@@ -153,7 +150,7 @@ def _wal_check(c: Config, path: str, schema: str, manifest: state.Manifest | Non
                      f"then {BUILD}")
     recorded = manifest.last_build.get("run_id") if manifest else None
     decision = resume_decision(replay, mode=c.resume, schema_hash=schema, collection=c.collection,
-                               db=cfg.db_identity(c), manifest_run_id=recorded)
+                               db=cfg.db_identity(c), manifest_run_id=recorded, wal_enabled=c.wal)
     verdict = f"resume_active={str(decision.active).lower()} reason={decision.reason}"
     if decision.reason in ("no_wal", "wal_finished_ok"):
         return Check("wal", True, f"no unfinished run ({verdict})")
@@ -161,6 +158,17 @@ def _wal_check(c: Config, path: str, schema: str, manifest: state.Manifest | Non
     unrecorded = f": the manifest names run {recorded}" if replay.finished_ok else ""
     return Check("wal", False, f"{what} run {replay.start.run_id} in {path}{unrecorded} ({replay.docs_committed} "
                                f"documents committed; {verdict})", RESUME)
+
+
+def _store_check(c: Config) -> Check:
+    """Chroma can read its own files (a power cut can empty its segment files): its own check, with its fix."""
+    try:
+        store.probe(c)
+    except StoreCorrupt as exc:
+        fix = ("repair or restore the server's store" if c.chroma_host else
+               "doit repair (or chroma-resume repair): sets the folder aside and rebuilds it from the embedding cache")
+        return Check("store", False, str(exc), fix)
+    return Check("store", True, f"{cfg.db_identity(c)} is readable")
 
 
 def _fingerprint_check(c: Config, found: dict, schema: str, manifest: state.Manifest) -> Check:
