@@ -39,7 +39,7 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("device", str, "torch device: cpu, cuda, cuda:N (default cpu)"),
     ("fp16", ("auto", "on", "off"), "half precision; auto = on for CUDA, off for CPU"),
     ("max-length", int, "tokens per chunk the model sees (default: the model's declared maximum)"),
-    ("embed-batch", int, "texts per model forward pass (default 32)"),
+    ("embed-batch", int, "texts per model forward pass (default 32 on a CPU, 256 on CUDA)"),
     ("embed-cache", str, "embedding cache file, relative to --state-root, or off (default embed-cache.sqlite3)"),
     ("upsert-batch", int, "chunks per upsert and WAL commit group (default 256)"),
     ("chunk-chars", int, "chunk size budget in characters (default 1200)"),

@@ -46,7 +46,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     device: str = "cpu"
     fp16: Literal["auto", "on", "off"] = "auto"  # auto: half precision on CUDA, fp32 on CPU
     max_length: int | None = None  # None: the model's declared maximum
-    embed_batch: int = 32
+    embed_batch: int | None = None  # texts per forward pass; None: 32 on a CPU, 256 on CUDA
     embed_cache: str = "embed-cache.sqlite3"  # relative to --state-root; "off" disables
     upsert_batch: int = 256
     chunk_chars: int = 1200
@@ -90,7 +90,9 @@ def _check(c: Config) -> None:
         raise UsageError("give either --docs DIR or --units FILE.jsonl, not both")
     if c.max_length is not None and c.max_length < 1:
         raise UsageError("--max-length must be at least 1")
-    for name in ("embed_batch", "upsert_batch", "chunk_chars", "delete_batch", "wal_fsync_interval"):
+    if c.embed_batch is not None and c.embed_batch < 1:
+        raise UsageError("--embed-batch must be at least 1")
+    for name in ("upsert_batch", "chunk_chars", "delete_batch", "wal_fsync_interval"):
         if getattr(c, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= c.overlap_chars < c.chunk_chars:

@@ -219,6 +219,11 @@ def model_fingerprint(c: Config) -> str:
 
 # ---- loading ---------------------------------------------------------------------
 
+# Texts per forward pass when --embed-batch is not given: a GPU needs large batches to be busy
+# (and token-length batching keeps their padding small); a CPU gains nothing past ~32.
+CPU_BATCH, CUDA_BATCH = 32, 256
+
+
 def load(c: Config):
     """Load the embedder named by the config, or raise ModelLoadError (exit 2) naming it."""
     if c.embed_model.startswith("hash:"):
@@ -230,14 +235,15 @@ def load(c: Config):
     except ImportError as exc:
         raise ModelLoadError(f"FlagEmbedding is not importable ({exc}); install the project's dependencies") from None
     device, half = resolve_device(c.device, c.fp16, torch.cuda.device_count())
+    batch = c.embed_batch or (CUDA_BATCH if device.startswith("cuda") else CPU_BATCH)
     try:
         flag = FlagModel(location, pooling_method=cfg.pooling(c), normalize_embeddings=True,
-                         use_fp16=half, devices=device, batch_size=c.embed_batch)
+                         use_fp16=half, devices=device, batch_size=batch)
         flag.model.to(device).eval()
     except Exception as exc:  # any loader failure is the model's fault, not ours
         raise ModelLoadError(f"cannot load model {c.embed_model!r} from {location}: {exc}") from None
     flag.passage_max_length = _checked_max_length(c, flag)
-    return FlagEmbedder(flag, c.embed_model, c.embed_batch, device)
+    return FlagEmbedder(flag, c.embed_model, batch, device)
 
 
 def _checked_max_length(c: Config, flag) -> int:
