@@ -280,15 +280,19 @@ class _Run:
         wanted = [i for a in resumed for i in state.generation_ids(a.doc_id, a.content_sha256, a.n_chunks)]
         present = self.db.held(wanted, include=()) if wanted else {}
         again: list[DocAction] = []
+        skipped: list[DocAction] = []
         for a in resumed:
             missing = [i for i in state.generation_ids(a.doc_id, a.content_sha256, a.n_chunks) if i not in present]
             if missing and a.uri in self.refs:
                 self.warn("wal_ahead_of_db", uri=a.uri, missing_chunks=len(missing))
                 again.append(msgspec.structs.replace(a, action="embed"))
-                continue
+            else:
+                skipped.append(a)
+        delete_generations(self.db, self.log, [g for a in skipped for g in a.old_generations], "old",
+                           self.c.delete_batch, self.counters)
+        for a in skipped:
             self.summary.docs_resumed_skipped += 1
             self.committed[a.uri] = self._entry(a, a.n_chunks)
-            delete_generations(self.db, self.log, a.old_generations, "old", self.c.delete_batch, self.counters)
             self.log.append(wal.DocDone(uri=a.uri, doc_id=a.doc_id, content_sha256=a.content_sha256))
         return again
 
