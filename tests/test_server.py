@@ -177,6 +177,9 @@ def test_build_waits_for_a_restarted_server_and_finishes(tmp_path, server):
     assert len(waits) == 1 and f"Chroma at {server.url} unreachable" in waits[0] and "up to 60s" in waits[0]
     assert upserts_done(trace) > 2  # the build went on writing after the server came back
     assert_same_as_clean_build(tmp_path, server)
+    deep = run_cli(["verify", *build_args(server.port)[1:], "--deep", "all"], cwd=tmp_path)
+    assert deep.returncode == 0, deep.stdout + deep.stderr
+    assert "[PASS] embedding" in deep.stdout and "[PASS] findable" in deep.stdout
 
 
 def test_server_down_past_retry_for_exits_5_and_the_rerun_resumes(tmp_path, server):
