@@ -9,11 +9,22 @@ from . import matrix, report
 from .scenarios import SCENARIOS
 from .walfile import DAMAGES
 
+# Planted bugs the engine honours (CHROMA_RESUME_FAILPOINTS=bug.NAME=on), and the rows built to catch them
+# (tests/test_planted_bugs.py proves each one is caught there).
+PLANTED_BUGS = {
+    "bug.skip_old_delete": "a changed document keeps its old generation (mix)",
+    "bug.commit_before_upsert": "DOC_COMMITTED logged before the upsert (cold, DOC_COMMITTED kills)",
+    "bug.ignore_wal_deletions": "the plan ignores deletions the WAL recorded (undo-/restore-after-crash)",
+    "bug.count_only_reconcile": "the final reconcile compares counts, not id sets (tamper-after-crash)",
+    "bug.delete_before_barrier": "deletes before the WAL records justifying them are fsynced "
+                                 "(undo-after-crash+fsync-off, store.after_delete@target)",
+}
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fault_injection", description=__doc__.split(":", 1)[1].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="scenarios:\n" + "\n".join(f"  {s.name:19} {s.why}" for s in SCENARIOS.values()))
+                                epilog="scenarios:\n" + "\n".join(f"  {s.name:36} {s.why}" for s in SCENARIOS.values()))
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS), metavar="NAME",
                    help=f"run only these (repeatable): {', '.join(SCENARIOS)}")
     p.add_argument("--points", default=None, metavar="N|all",
@@ -23,10 +34,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--real-model-rows", type=int, default=2, help="rows with the packaged model (default 2; 0 skips)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus and the sampling (default 0)")
     p.add_argument("--chain", type=int, default=2, help="kills in a row per boundary: reruns die at its next hit (default 2)")
-    p.add_argument("--kill", metavar="POINT@HIT", help="only this boundary, e.g. wal.after_append:DOC_COMMITTED@3")
+    p.add_argument("--kill", metavar="POINT@HIT", help="only this boundary, e.g. wal.after_append:DOC_COMMITTED@3; "
+                   "POINT@target: its last hit at or before the anchor of the scenario's change")
     p.add_argument("--damage", choices=DAMAGES, help="damage after each kill instead of the scenario's own")
     p.add_argument("--plant", action="append", default=[], metavar="bug.NAME",
-                   help="planted-bug switch for the runs under test (repeatable): bug.skip_old_delete, bug.commit_before_upsert")
+                   help="planted-bug switch for the runs under test (repeatable): " + "; ".join(
+                       f"{name}: {why}" for name, why in PLANTED_BUGS.items()))
     p.add_argument("--work-dir", help="where the temporary folders go (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the folders of every row for inspection")
     return p
@@ -44,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     o = options(args)
     began = time.monotonic()
-    rows = matrix.run(o, on_row=lambda r: print(f"[ROW] {'ok  ' if r.ok else 'FAIL'} {r.scenario} "
-                                                 f"{r.point}@{r.hit} ({r.seconds}s)", flush=True))
+    try:
+        rows = matrix.run(o, on_row=lambda r: print(f"[ROW] {'ok  ' if r.ok else 'FAIL'} {r.scenario} "
+                                                     f"{r.point}@{r.hit} ({r.seconds}s)", flush=True))
+    except matrix.NoSuchBoundary as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     seconds = time.monotonic() - began
     print(report.table(rows))
     failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows)} rows, {len(failed)} failed, {seconds:.0f}s")
+    print(f"\n{len(rows)} rows, {sum(r.kills for r in rows)} kills, {len(failed)} failed, {seconds:.0f}s")
     if failed:
         print(report.failures(rows, o))
     if args.report:

@@ -26,6 +26,16 @@ class Facts:
     wal_present: bool
     verify_ok: bool
     verify_detail: str = ""
+    space: str | None = None  # the distance the collection's index really uses
+    fingerprint: str | None = None  # the schema_hash the collection's metadata records
+
+    @property
+    def stale(self) -> set[str]:
+        """Ids held beyond the manifest's generations (what `--sync-mode none` leaves)."""
+        from chroma_resume import state
+
+        expected = {i for doc_id, sha, n in self.documents.values() for i in state.generation_ids(doc_id, sha, n)}
+        return set(self.rows) - expected
 
 
 @dataclass
@@ -37,33 +47,49 @@ class Diff:
     manifest_ok: bool = True
 
 
-def read(folder: Path, s: Scenario) -> Facts:
-    import chromadb
-    from chromadb.api.client import SharedSystemClient
-    from chroma_resume import state, verify
+def read(folder: Path, s: Scenario, final: bool = True) -> Facts:
+    """`final`: with the options of the runs after the crash (else those of the first run)."""
+    from chroma_resume import state, store, verify
 
-    c = engine_config(folder, s)
-    try:
-        client = chromadb.PersistentClient(path=str(folder / "db"))
-        got = client.get_collection(COLLECTION).get(include=["documents", "metadatas", "embeddings"])
+    c = engine_config(folder, s, final)
+    with _collection(folder) as col:
+        got = col.get(include=["documents", "metadatas", "embeddings"])
         rows = {i: (d, m, np.asarray(e, dtype=np.float32))
                 for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])}
+        space = ((col.configuration or {}).get("hnsw") or {}).get("space") or (col.metadata or {}).get("hnsw:space")
+        fingerprint = (col.metadata or {}).get(store.SCHEMA_KEY)
         with contextlib.redirect_stdout(io.StringIO()):
             result = verify.verify(c)
-    finally:
-        SharedSystemClient.clear_system_cache()  # one client per folder would otherwise pile up
     paths = state.paths(c)
     manifest = state.load_manifest(paths["manifest"])
     documents = {uri: (e.doc_id, e.content_sha256, e.n_chunks) for uri, e in (manifest.documents if manifest else {}).items()}
     failed = "; ".join(f"{ch.name}: {ch.detail}" for ch in result.checks if not ch.ok)
-    return Facts(rows, documents, os.path.exists(paths["wal"]), result.ok, failed)
+    return Facts(rows, documents, os.path.exists(paths["wal"]), result.ok, failed, space, fingerprint)
 
 
-def diff(golden: Facts, got: Facts) -> Diff:
+def ids(folder: Path) -> set[str]:
+    """Every id the folder's collection holds now."""
+    with _collection(folder) as col:
+        return set(col.get(include=[])["ids"])
+
+
+@contextlib.contextmanager
+def _collection(folder: Path):
+    import chromadb
+    from chromadb.api.client import SharedSystemClient
+
+    try:
+        yield chromadb.PersistentClient(path=str(folder / "db")).get_collection(COLLECTION)
+    finally:
+        SharedSystemClient.clear_system_cache()  # one client per folder would otherwise pile up
+
+
+def diff(golden: Facts, got: Facts, may_differ: set[str] = frozenset()) -> Diff:
+    """`may_differ`: golden ids whose presence either way is right (neither lost nor orphaned)."""
     d = Diff()
-    d.lost = sorted(set(golden.rows) - set(got.rows))
+    d.lost = sorted(set(golden.rows) - set(got.rows) - may_differ)
     d.orphans = sorted(set(got.rows) - set(golden.rows))
-    held, expected = _positions(got), _positions(golden)
+    held, expected = _positions(got, may_differ), _positions(golden, may_differ)
     d.duplicated = sum(max(0, n - expected.get(key, 1)) for key, n in held.items())
     for i in sorted(set(golden.rows) & set(got.rows)):
         (gd, gm, gv), (d2, m2, v2) = golden.rows[i], got.rows[i]
@@ -73,5 +99,6 @@ def diff(golden: Facts, got: Facts) -> Diff:
     return d
 
 
-def _positions(facts: Facts) -> Counter:
-    return Counter((m.get("source_uri"), m.get("chunk_index")) for _, m, _ in facts.rows.values())
+def _positions(facts: Facts, leave_out: set[str]) -> Counter:
+    return Counter((m.get("source_uri"), m.get("chunk_index")) for i, (_, m, _) in facts.rows.items()
+                   if i not in leave_out)

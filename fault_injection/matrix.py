@@ -16,11 +16,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runner
+from . import engine, runner
 from .runner import Boundary, Golden, Row, RowPlan
 from .scenarios import SCENARIOS, Scenario
 
-DEFAULT_POINTS = 8  # boundaries sampled per scenario
+DEFAULT_POINTS = 5  # boundaries sampled per scenario (the full matrix: >= 200 kills in ~6 minutes on 2 cores)
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,9 @@ def choose(golds: dict[str, Golden], o: Options) -> list[RowPlan]:
         if s.kind == "random":
             bounds = [Boundary("random", s.kills)]  # one row: its kill times come from the seed
         elif o.kill:
-            point, _, hit = o.kill.rpartition("@")
-            bounds = [Boundary(point, int(hit))]
+            bounds = [resolve(o.kill, gold)]
         else:
-            bounds = _sample(_eligible(s, gold.boundaries), _rows_wanted(s, o), random.Random(f"{o.seed}:{name}"),
-                             covered)
+            bounds = _sample(_eligible(s, gold), _rows_wanted(s, o), random.Random(f"{o.seed}:{name}"), covered)
         covered.update(b.point for b in bounds)
         plans += [RowPlan(name, b, damages[i % len(damages)], o.chain, o.plant, seed=o.seed)
                   for i, b in enumerate(bounds)]
@@ -71,10 +69,25 @@ def _rows_wanted(s: Scenario, o: Options) -> int | None:
     return min(o.points, s.default_rows) if s.default_rows else o.points
 
 
-def _eligible(s: Scenario, bounds: list[Boundary]) -> list[Boundary]:
-    if s.mutate:  # the edited/deleted document must already be committed: after the first DOC_COMMITTED
-        first = next(i for i, b in enumerate(bounds) if b.point == "wal.after_append:DOC_COMMITTED")
-        bounds = bounds[first + 1:]
+class NoSuchBoundary(ValueError):
+    """A --kill that names no boundary of the scenario's clean run."""
+
+
+def resolve(kill: str, gold: Golden) -> Boundary:
+    """`POINT@N`, or `POINT@target`: the last hit of POINT at or before the change's anchor
+    (e.g. store.after_delete@target: the delete of the target's old generation)."""
+    point, _, hit = kill.rpartition("@")
+    if hit != "target":
+        return Boundary(point, int(hit))
+    hits = [b for b in gold.boundaries[:gold.anchor + 1] if b.point == point] if gold.anchor is not None else []
+    if not hits:
+        raise NoSuchBoundary(f"--kill {kill}: scenario {gold.scenario} has no {point} at or before its change's anchor")
+    return hits[-1]
+
+
+def _eligible(s: Scenario, gold: Golden) -> list[Boundary]:
+    """From the anchor on, when the change has one: the target's step is done at the kill."""
+    bounds = gold.boundaries[gold.anchor or 0:]
     return [b for b in bounds if not s.points or b.point.startswith(s.points)]
 
 
@@ -99,10 +112,43 @@ def _sample(bounds: list[Boundary], n: int | None, rng: random.Random, covered: 
     return sorted(picked, key=bounds.index)
 
 
-def _golden_task(name: str, folder: Path, seed: int) -> tuple[Golden, Path]:
-    s = SCENARIOS[name]
-    start = runner.make_start(s, folder, seed)
-    return runner.golden(s, start, folder), start
+def _parallel(pool: ProcessPoolExecutor, tasks: dict) -> dict:
+    """key -> (function, *args) run in the pool; key -> its result, or the exception it raised."""
+    futures = {key: pool.submit(*task) for key, task in tasks.items()}
+    out = {}
+    for key, future in futures.items():
+        try:
+            out[key] = future.result()
+        except Exception as exc:  # reported on the scenarios that needed it; the others still run
+            out[key] = exc
+    return out
+
+
+def _once_per(scenarios: list[Scenario], key: str) -> dict:
+    """One scenario per distinct value of its `key` property, in order."""
+    out: dict = {}
+    for s in scenarios:
+        out.setdefault(getattr(s, key), s)
+    return out
+
+
+def _goldens(pool: ProcessPoolExecutor, names: list[str], base: Path, seed: int) -> tuple[dict, dict]:
+    """Each scenario's golden and starting folder (name -> Golden, or the exception that stopped
+    it). Starts and clean traced runs are built once per key and shared."""
+    scenarios = [SCENARIOS[n] for n in names]
+    starts = _parallel(pool, {key: (runner.make_start, s, base / "starts" / f"start{i}", seed)
+                              for i, (key, s) in enumerate(_once_per(scenarios, "start_key").items())})
+    traces = _parallel(pool, {key: (runner.trace, s, starts[s.start_key], base / "traces" / f"trace{i}")
+                              for i, (key, s) in enumerate(_once_per(scenarios, "trace_key").items())
+                              if not isinstance(starts[s.start_key], Exception)})
+
+    def blocker(s: Scenario) -> Exception | None:
+        return next((x for x in (starts[s.start_key], traces.get(s.trace_key)) if isinstance(x, Exception)), None)
+
+    golds = _parallel(pool, {s.name: (runner.golden, s, starts[s.start_key], traces[s.trace_key], base / s.name / "golden")
+                             for s in scenarios if blocker(s) is None})
+    golds.update({s.name: blocker(s) for s in scenarios if blocker(s) is not None})
+    return golds, {s.name: starts[s.start_key] for s in scenarios}
 
 
 def run(o: Options, on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
@@ -111,18 +157,18 @@ def run(o: Options, on_row: Callable[[Row], None] = lambda row: None) -> list[Ro
     base = Path(tempfile.mkdtemp(prefix="fault-matrix-", dir=o.work_dir))
     rows: dict[tuple[str, int], Row] = {}
     try:
-        with ProcessPoolExecutor(o.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            started = {n: pool.submit(_golden_task, n, base / n, o.seed) for n in names}
-            golds, starts = {}, {}
-            for name, future in started.items():
-                try:
-                    golds[name], starts[name] = future.result()
-                except Exception as exc:  # reported as a failing row; the other scenarios still run
-                    rows[name, -1] = Row(name, "golden", 0, "none", failures=[f"golden build: {exc}"])
+        with engine.pinned(base), ProcessPoolExecutor(o.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            built, starts = _goldens(pool, names, base, o.seed)
+            golds = {}
+            for name, gold in built.items():
+                if isinstance(gold, Exception):  # a failing row rather than a crashed matrix
+                    rows[name, -1] = Row(name, "golden", 0, "none", failures=[f"golden build: {gold}"])
                     on_row(rows[name, -1])
+                else:
+                    golds[name] = gold
             index: dict[str, int] = {}
             futures = {}
-            for plan in choose(golds, o):
+            for plan in choose({n: golds[n] for n in names if n in golds}, o):
                 i = index[plan.scenario] = index.get(plan.scenario, -1) + 1
                 folder = base / plan.scenario / f"row{i:03d}"
                 futures[pool.submit(runner.run_row, plan, starts[plan.scenario], folder, golds[plan.scenario])] = \

@@ -32,7 +32,7 @@ def failures(rows: list[Row], o: Options) -> str:
         out.append(f"FAIL {r.scenario} {r.point}@{r.hit} damage={r.damage}: " + "; ".join(r.failures))
         out.append(f"  reproduce: {repro(r, o)}")
         if o.keep and r.folder:
-            out.append(f"  folder: {r.folder}")
+            out.append(f"  folder: {r.folder} (golden: {r.golden})")
     return "\n".join(out)
 
 
@@ -48,7 +48,8 @@ def repro(r: Row, o: Options) -> str:
 
 def to_json(rows: list[Row], o: Options, seconds: float) -> str:
     return json.dumps({
-        "ok": all(r.ok for r in rows), "rows": len(rows), "failed": sum(not r.ok for r in rows),
+        "ok": all(r.ok for r in rows), "rows": len(rows), "kills": sum(r.kills for r in rows),
+        "failed": sum(not r.ok for r in rows),
         "seconds": round(seconds, 1), "options": dataclasses.asdict(o),
         "results": [{**dataclasses.asdict(r), "ok": r.ok, "reproduce": None if r.ok else repro(r, o)}
                     for r in rows]}, indent=1)

@@ -16,8 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chroma_resume.state import MANIFEST_NAME
+
 from . import compare, walfile
-from .scenarios import SCENARIOS, Scenario, build_command, engine_env, engine_paths, mutate, prepare
+from .changes import CHANGES
+from .scenarios import SCENARIOS, Scenario, build_command, engine_config, engine_env, engine_paths, prepare
 
 RUN_TIMEOUT = 600.0  # seconds for one build (the real model loads in ~5 s)
 WAIT_TIMEOUT = 120.0  # seconds to wait for a boundary to show up in a file
@@ -25,6 +28,7 @@ HOLD_MS = 60_000  # a sleeping failpoint that holds the lock until the harness k
 TERM_WINDOW_MS = 2000  # the window in which SIGTERM lands mid-batch
 _WARN = re.compile(r"^\[WARN\] key=(\w+)(.*)$", re.M)
 _FIELD = re.compile(r"(missing_chunks|count|docs)=(\d+)")
+UP_TO_DATE = "[BUILD] up to date"
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,21 @@ class RowPlan:
 
 @dataclass
 class Golden:
-    """A clean build from the scenario's starting state: what every row must end up equal to."""
+    """A clean build of the final corpus with the final options from the scenario's starting
+    state: what every row must end up equal to."""
     scenario: str
     facts: compare.Facts
-    embedded: int
-    boundaries: list[Boundary]  # every failpoint hit of the clean run, in order
+    embedded: list[str]  # the chunk ids it embedded
+    boundaries: list[Boundary]  # every failpoint hit of a clean first run (first options), in order
+    targets: list[str] = field(default_factory=list)  # the uris the scenario's change touches
+    anchor: int | None = None  # index in boundaries of the change's anchor event about a target
+    folder: str = ""  # where the golden index is
+
+    def restorable(self) -> set[str]:
+        """The targets' chunks the golden kept from the starting index: a row must put back
+        those the crash and the change took away, and may embed them again to do it."""
+        return {i for i, (_, m, _) in self.facts.rows.items() if m.get("source_uri") in self.targets} \
+            - set(self.embedded)
 
 
 @dataclass
@@ -82,10 +96,11 @@ class Row:
     duplicated: int = 0
     orphans: int = 0
     mismatched: int = 0
-    verify: str = ""  # pass | fail, and "(as golden)" when the clean build fails verify too
+    verify: str = ""  # pass | fail, and "(as expected)" where it must fail (stale generations kept)
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     folder: str = ""
+    golden: str = ""  # the folder of the golden index it was compared with
 
     @property
     def ok(self) -> bool:
@@ -95,28 +110,60 @@ class Row:
 # ---- golden ---------------------------------------------------------------------------
 
 def make_start(s: Scenario, folder: Path, seed: int) -> Path:
-    start = folder / "start"
-    prepare(s, start, seed)
-    return start
+    """The starting state (shared by the scenarios of the same scenarios.start_key)."""
+    prepare(s, folder, seed)
+    return folder
 
 
-def golden(s: Scenario, start: Path, folder: Path) -> Golden:
-    """Trace a clean run from the starting state; for scenarios that change the corpus
-    between crash and resume, the golden is a clean build of the changed corpus."""
-    traced = _copy(start, folder / "traced")
-    trace = traced / "trace.log"
-    _finish(_start(s, traced, f"trace={trace}"), traced, "golden")
-    boundaries = _boundaries(trace.read_text().splitlines())
-    final = traced
-    if s.mutate:
-        final = _copy(start, folder / "golden")
-        mutate(s, final)
-        _finish(_start(s, final, ""), final, "golden")
-    facts = compare.read(final, s)
+@dataclass
+class Trace:
+    """A clean first run from a starting state, with the first options: where rows can die
+    (shared by the scenarios of the same scenarios.trace_key)."""
+    folder: Path
+    boundaries: list[Boundary]
+    facts: compare.Facts  # read with the first options
+    embedded: list[str]
+
+
+def trace(s: Scenario, start: Path, folder: Path) -> Trace:
+    """Trace a clean run from the starting state; its WAL is kept to find a change's target."""
+    traced = _copy(start, folder)
+    _finish(_start(s, traced, f"trace={traced / 'trace.log'}", extra=("--keep-wal", "true")), traced, "traced")
+    boundaries = _boundaries((traced / "trace.log").read_text().splitlines())
+    return Trace(traced, boundaries, compare.read(traced, s, final=False), _embedded(traced))
+
+
+def golden(s: Scenario, start: Path, tr: Trace, folder: Path) -> Golden:
+    """The traced run, or when the corpus or the options change between crash and resume a
+    clean build of the changed corpus with the final options from the same starting state."""
+    change = CHANGES[s.change] if s.change else None
+    targets, anchor = _targets(s, tr) if change else ([], None)
+    facts, embedded, final = tr.facts, tr.embedded, tr.folder
+    if s.changes_options or (change and change.in_golden):
+        final = _copy(start, folder)
+        if change and change.in_golden:
+            change.apply(final, targets)
+        _finish(_start(s, final, "", final=True), final, "golden")
+        facts, embedded = compare.read(final, s), _embedded(final)
     if facts.verify_ok != s.verify_passes:
         raise RuntimeError(f"{s.name}: verify of the golden build: ok={facts.verify_ok}, expected "
                            f"{s.verify_passes}: {facts.verify_detail}")
-    return Golden(s.name, facts, _embedded(final), boundaries)
+    return Golden(s.name, facts, embedded, tr.boundaries, targets, anchor, str(final))
+
+
+def _targets(s: Scenario, tr: Trace) -> tuple[list[str], int | None]:
+    """The change's targets, and for an anchored change the index of its anchor boundary: the
+    first candidate the clean run appended the anchor event for."""
+    change = CHANGES[s.change]
+    candidates = change.candidates(tr.folder, s)
+    if not change.anchor:
+        return candidates, None
+    (kept,) = Path(engine_paths(tr.folder, s, final=False)["state_dir"]).glob("*.done")
+    found = walfile.first_about(str(kept), change.anchor, candidates)
+    if found is None:
+        raise RuntimeError(f"{s.name}: the clean run never appended {change.anchor} for any of {candidates}")
+    uri, hit = found
+    return [uri], tr.boundaries.index(Boundary(f"wal.after_append:{change.anchor}", hit))
 
 
 def _boundaries(lines: list[str]) -> list[Boundary]:
@@ -137,13 +184,22 @@ class _Attempt:
     def __init__(self, plan: RowPlan, start: Path, folder: Path, gold: Golden):
         self.plan, self.s, self.gold = plan, SCENARIOS[plan.scenario], gold
         self.folder = _copy(start, folder)
-        self.wal = engine_paths(self.folder, self.s)["wal"]
+        self.wals = {final: engine_paths(self.folder, self.s, final)["wal"] for final in (False, True)}
+        self.changed = False  # the change is done: every run from now on has the final options
+        self.sync_log = self.folder / "sync.log"
         self.final = {uri: sha for uri, (_, sha, _) in gold.facts.documents.items()}
         self.row = Row(plan.scenario, plan.boundary.point, plan.boundary.hit, plan.damage, plan.plant,
-                       plan.seed, folder=str(self.folder))
+                       plan.seed, folder=str(self.folder), golden=gold.folder)
         self.tags: dict[int, str] = {}  # pid -> runK, the prefix of its files
         self.since_seq = 0  # the last WAL record written before the current run
         self.stderr = ""
+        self.warned: set[str] = set()  # expected functional WARNs seen
+        self.up_to_date = False  # the run that finished said it had nothing to do
+
+    @property
+    def wal(self) -> str:
+        """The WAL of the current options (another schema keeps its own)."""
+        return self.wals[self.changed]
 
     def spawn(self, spec: str = "", mark: bool = True) -> subprocess.Popen:
         """Start a build (logs and failpoint trace in runK.*); `mark`: the WAL records from
@@ -153,7 +209,8 @@ class _Attempt:
         tag = f"run{len(self.tags)}"
         switches = [f"{p}=on" for p in self.plan.plant]
         proc = _start(self.s, self.folder, ";".join([*filter(None, [spec]), *switches,
-                                                      f"trace={self.folder / tag}.trace"]), tag)
+                                                      f"trace={self.folder / tag}.trace"]), tag,
+                      final=self.changed, sync_log=self.sync_log)
         self.tags[proc.pid] = tag
         return proc
 
@@ -179,13 +236,26 @@ class _Attempt:
         return False
 
     def crashed(self, damage: str) -> None:
-        """After a run died: damage the WAL as the crash could, and add what it may waste."""
+        """After a run died: damage the WAL as the crash could, and add what it may waste;
+        after the first kill, the scenario's change."""
         self.row.kills += 1
         before = walfile.records(self.wal)
-        walfile.damage(self.wal, damage)
-        self.row.bound += walfile.wasted_chunks(before, walfile.records(self.wal), self.since_seq, self.final)
-        if self.row.kills == 1 and self.s.mutate:
-            mutate(self.s, self.folder)
+        walfile.damage(self.wal, damage, walfile.synced_size(self.sync_log, self.wal))
+        same_schema = self.changed or self.wals[False] == self.wals[True]
+        self.row.bound += walfile.wasted_chunks(before, walfile.records(self.wal), self.since_seq,
+                                                self.final if same_schema else {})
+        if self.row.kills == 1:
+            self.change()
+
+    def change(self) -> None:
+        """What happens between crash and resume; putting back what it took away is work the
+        golden did not do, so it adds to the bound (only what Chroma really lacks)."""
+        if self.s.change:
+            CHANGES[self.s.change].apply(self.folder, self.gold.targets)
+            restorable = self.gold.restorable()
+            if restorable:
+                self.row.bound += len(restorable - compare.ids(self.folder))
+        self.changed = True
 
     def complete(self, chained: Boundary | None) -> None:
         """Rerun until a build exits 0; up to chain-1 reruns die at `chained` (if given) on the way."""
@@ -195,6 +265,7 @@ class _Attempt:
             rc = self.wait(proc)
             if rc == 0:
                 self.row.recovered = True
+                self.up_to_date = UP_TO_DATE in (self.folder / f"{self.tags[proc.pid]}.out").read_text()
                 return
             if rc != -signal.SIGKILL or not spec:
                 return self.fail(f"rerun exited {rc}: {_tail(self.stderr)}")
@@ -217,8 +288,12 @@ class _Attempt:
             self.row.failures.append(why)
 
     def _warnings(self, stderr: str) -> None:
-        """Repairs by the engine's safety nets count against it: a correct recovery never needs them."""
+        """Repairs by the engine's safety nets count against it: a correct recovery never needs
+        them (unless the scenario tampered with Chroma, which only they can repair)."""
         for key, rest in _WARN.findall(stderr):
+            if key in self.s.expect_warns:
+                self.warned.add(key)
+                continue
             n = sum(int(v) for _, v in _FIELD.findall(rest)) or 1
             if key in ("wal_ahead_of_db", "missing_after_build"):
                 self.row.lost += n
@@ -313,34 +388,46 @@ def _random(a: _Attempt) -> None:
 def _judge(a: _Attempt) -> None:
     row, gold = a.row, a.gold
     got = compare.read(a.folder, a.s)
-    d = compare.diff(gold.facts, got)
-    row.reembedded = _embedded(a.folder) - gold.embedded
+    may_differ = gold.facts.stale if a.s.stale_may_differ else set()
+    d = compare.diff(gold.facts, got, may_differ)
+    row.reembedded = len(_embedded(a.folder)) - len(gold.embedded)
     row.lost += len(d.lost)
     row.orphans += len(d.orphans)
     row.duplicated, row.mismatched = d.duplicated, len(d.mismatched)
-    row.verify = ("pass" if got.verify_ok else "fail") + ("" if gold.facts.verify_ok else " (as golden)")
+    # verify expects exactly the manifest's ids: it fails where stale generations stayed
+    verify_expected = not (set(got.rows) & may_differ) if may_differ else gold.facts.verify_ok
+    row.verify = ("pass" if got.verify_ok else "fail") + ("" if verify_expected else " (as expected)")
+    space = engine_config(a.folder, a.s).hnsw_space
+    unseen = sorted(set(a.s.expect_warns) - a.warned)
     checks = [
         (row.reembedded <= row.bound, f"re-embedded {row.reembedded} chunks, bound {row.bound}"),
         (not d.lost, f"lost {len(d.lost)} chunks: {d.lost[:3]}"),
         (not d.orphans, f"{len(d.orphans)} orphans: {d.orphans[:3]}"),
         (not d.duplicated, f"{d.duplicated} duplicated chunks"),
         (not d.mismatched, f"{len(d.mismatched)} chunks differ from the golden: {d.mismatched[:3]}"),
-        (got.verify_ok == gold.facts.verify_ok, f"verify: ok={got.verify_ok}, golden's ok={gold.facts.verify_ok}: "
-                                                 f"{got.verify_detail}"),
+        (got.verify_ok == verify_expected, f"verify: ok={got.verify_ok}, expected ok={verify_expected}: "
+                                           f"{got.verify_detail}"),
         (not got.wal_present, "the WAL is still there"),
         (d.manifest_ok, "the manifest's documents differ from the golden's"),
+        (got.space == space, f"the collection's index uses space {got.space}, the options say {space}"),
+        (got.fingerprint == gold.facts.fingerprint,
+         f"the collection records schema {got.fingerprint}, the golden's records {gold.facts.fingerprint}"),
+        (not unseen, f"no WARN {', '.join(unseen)}: the tampering was not repaired by the final reconcile"),
     ]
     for ok, why in checks:
         if not ok:
             a.fail(why)
+    if row.failures and a.up_to_date:
+        a.fail(f"the last run said '{UP_TO_DATE}' over this index")
 
 
 # ---- processes and files --------------------------------------------------------------
 
-def _start(s: Scenario, folder: Path, failpoints: str, tag: str = "run") -> subprocess.Popen:
+def _start(s: Scenario, folder: Path, failpoints: str, tag: str = "run", *, final: bool = False,
+           sync_log: Path | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     with open(folder / f"{tag}.out", "wb") as out, open(folder / f"{tag}.err", "wb") as err:
-        return subprocess.Popen(build_command(s), cwd=folder, env=engine_env(failpoints), stdout=out, stderr=err,
-                                start_new_session=True)
+        return subprocess.Popen(build_command(s, *extra, final=final), cwd=folder,
+                                env=engine_env(failpoints, sync_log), stdout=out, stderr=err, start_new_session=True)
 
 
 def _wait(proc: subprocess.Popen) -> int:
@@ -367,16 +454,21 @@ def _finish(proc: subprocess.Popen, folder: Path, what: str) -> None:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
+    """A copy of a folder, relocated: the engine records the absolute path of its database in
+    the manifest (and distrusts a manifest of another database), so the copy's manifests are
+    made to name the copy, as if its starting index had been built there."""
+    shutil.copytree(src, dst, symlinks=True)
+    for manifest in dst.glob(f"state/*/*/{MANIFEST_NAME}"):
+        manifest.write_text(manifest.read_text(encoding="utf-8").replace(str(src), str(dst)), encoding="utf-8")
     return dst
 
 
-def _embedded(folder: Path) -> int:
+def _embedded(folder: Path) -> list[str]:
+    """The chunk ids every run in `folder` embedded, from the engine's --embed-log."""
     try:
-        with open(folder / "embed.log", "rb") as fh:
-            return sum(1 for _ in fh)
+        return (folder / "embed.log").read_text(encoding="utf-8").split()
     except FileNotFoundError:
-        return 0
+        return []
 
 
 def _count_lines(path: str, line: str | None = None) -> int:

@@ -1,13 +1,19 @@
-"""The situations a crash can meet: what state a build starts from, how it is run, how it dies.
+"""The situations a crash can meet: what state a build starts from, how it is run, how it dies,
+and what changes between the crash and the resume.
 
 A scenario prepares a starting folder once (corpus, and for incremental scenarios an
 index already built from an older corpus); every row copies it, so rows never share
-files and can run in parallel.
+files and can run in parallel. The runs after the first kill use the scenario's final
+options (`build_args` then `resume_args`, last wins); its golden is a clean build of the
+final corpus with those final options from the same starting state.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +23,11 @@ COLLECTION = "matrix"
 HASH_MODEL = ("--embed-model", "hash:32")
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud harbor "
          "lantern meadow orbit signal vector index chunk ember quartz willow falcon").split()
+ATTIC = "attic"  # beside the corpus: the text each mixed document had in the starting index
+MIX_RECORD = "mix.json"  # which documents the mix grew, shrank, rewrote, removed, added or left alone
+HARNESS_ROOT = str(Path(__file__).resolve().parent.parent)  # so builds can run `-m fault_injection.engine`
+FSYNC_OFF = ("--wal-fsync", "off")
+FSYNC_INTERVAL = ("--wal-fsync", "interval", "--wal-fsync-interval", "7")
 
 
 @dataclass(frozen=True)
@@ -26,12 +37,14 @@ class Scenario:
     kind: str = "kill"  # kill | sigterm | writer | random
     start: str = "cold"  # cold | mix (built index, then adds/edits/deletes) | schema (index of another chunk size)
     build_args: tuple[str, ...] = ()
+    resume_args: tuple[str, ...] = ()  # options changed between the first kill and the resume
     damage: tuple[str, ...] = ("none",)  # applied after each kill, rotated over the rows
-    mutate: str | None = None  # edit | delete: done to a committed document between crash and resume
+    change: str | None = None  # a changes.CHANGES name: done between the first kill and the resume
+    expect_warns: tuple[str, ...] = ()  # functional WARNs the resume must print (tampering, not a crash)
     docs: int = 32
     model: tuple[str, ...] = HASH_MODEL  # () = the packaged default model
     points: tuple[str, ...] = ()  # boundary name prefixes to sample from (empty: all)
-    default_rows: int | None = None  # at most this many rows (slow kinds) unless --points all
+    default_rows: int | None = None  # at most this many rows unless --points all (None: matrix.DEFAULT_POINTS)
     kills: int = 4  # random kind: SIGKILLs in a row before the run to completion
     verify_passes: bool = True  # does `verify` pass on a clean build (rows must agree with the golden)
 
@@ -39,13 +52,51 @@ class Scenario:
     def real_model(self) -> bool:
         return not self.model
 
+    @property
+    def changes_options(self) -> bool:
+        return bool(self.resume_args)
+
+    def option(self, name: str, final: bool) -> str | None:
+        """The value of `--name` in the first run's (or the final) options, None if not given."""
+        args = [*self.build_args, *(self.resume_args if final else ())]
+        values = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == name]
+        return values[-1] if values else None
+
+    @property
+    def start_key(self) -> tuple:
+        """Scenarios with equal keys start from the same state (its index built with the
+        scenario's model and default options)."""
+        return self.start, self.docs, self.model
+
+    @property
+    def trace_key(self) -> tuple:
+        """Scenarios with equal keys have the same clean first run."""
+        return (*self.start_key, self.build_args)
+
+    @property
+    def stale_may_differ(self) -> bool:
+        """Switching to `--sync-mode none` after the crash: the stale generations the first run
+        (which deleted) already removed cannot come back, the others may stay: both are right."""
+        return (self.option("--sync-mode", False) or "incremental") != "none" \
+            and self.option("--sync-mode", True) == "none"
+
+
+def _after_crash(base: str, why: str, **fields) -> list[Scenario]:
+    """A crash + change scenario, and the same under power loss with the WAL fsynced never
+    (`off`: only RUN_* and the barriers before deletes) or every 7 events (`interval`)."""
+    plain = Scenario(base, why, start="mix", **fields)
+    lossy = [Scenario(f"{base}+fsync-{policy}", f"{why}; power loss, --wal-fsync {policy}", start="mix",
+                      build_args=args, damage=("powerloss", "hole"), default_rows=2, **fields)
+             for policy, args in (("off", FSYNC_OFF), ("interval", FSYNC_INTERVAL))]
+    return [plain, *lossy]
+
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("cold", "first build into an empty collection", damage=("none", "torn")),
     Scenario("mix", "incremental: adds, edits growing and shrinking chunk counts, deletes", start="mix",
              damage=("none", "torn")),
-    Scenario("edit-after-crash", "a committed document is edited before the resume", mutate="edit"),
-    Scenario("delete-after-crash", "a committed document is deleted before the resume", mutate="delete"),
+    Scenario("edit-after-crash", "a committed document is edited before the resume", change="edit"),
+    Scenario("delete-after-crash", "a committed document is deleted before the resume", change="delete"),
     Scenario("schema-reset", "chunk size changed: the old index is reset and rebuilt", start="schema",
              build_args=("--schema-change", "reset")),
     Scenario("sync-delete-stale", "re-embed everything, delete stale", start="mix",
@@ -55,11 +106,30 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("sync-none", "upsert only: old generations stay", start="mix", build_args=("--sync-mode", "none"),
              verify_passes=False),
     Scenario("fsync-off", "WAL never fsynced but RUN_*: power loss drops its tail", start="mix",
-             build_args=("--wal-fsync", "off"), damage=("powerloss",)),
+             build_args=FSYNC_OFF, damage=("powerloss",)),
     Scenario("fsync-doc", "WAL fsynced per commit group: power loss drops the open group",
              build_args=("--wal-fsync", "doc"), damage=("powerloss",)),
     Scenario("fsync-interval", "WAL fsynced every 7 events: power loss drops up to 6",
-             build_args=("--wal-fsync", "interval", "--wal-fsync-interval", "7"), damage=("powerloss",)),
+             build_args=FSYNC_INTERVAL, damage=("powerloss",)),
+    *_after_crash("undo-after-crash", "an edit whose old generation was deleted is undone before the resume",
+                  change="undo"),
+    *_after_crash("restore-after-crash", "a removed document, its chunks deleted, is restored before the resume",
+                  change="restore"),
+    *_after_crash("to-delete-stale", "--sync-mode incremental -> delete-stale between crash and resume",
+                  resume_args=("--sync-mode", "delete-stale")),
+    *_after_crash("to-sync-none", "--sync-mode incremental -> none between crash and resume",
+                  resume_args=("--sync-mode", "none"), verify_passes=False),
+    *_after_crash("chunking-change", "--chunk-chars 1200 -> 800 between crash and resume",
+                  resume_args=("--chunk-chars", "800")),
+    *_after_crash("model-change", "--embed-model hash:32 -> hash:48 between crash and resume",
+                  resume_args=("--embed-model", "hash:48")),
+    *_after_crash("space-change", "--hnsw-space cosine -> l2 between crash and resume",
+                  resume_args=("--hnsw-space", "l2")),
+    Scenario("unreadable-after-crash", "unchanged documents become a FIFO and a broken symlink before the "
+             "resume: skipped, not deleted", start="mix", change="unreadable", default_rows=3),
+    Scenario("tamper-after-crash", "behind the tool's back one chunk is deleted and a foreign id of the same "
+             "document added: equal counts, so only an id-set reconcile repairs it", start="mix",
+             change="tamper", expect_warns=("missing_after_build", "orphans_deleted"), default_rows=2),
     Scenario("sigterm", "SIGTERM mid-batch: graceful stop (exit 130), then resume", kind="sigterm",
              points=("store.after_upsert",), default_rows=3),
     Scenario("second-writer", "a second build while the first holds the lock, then the holder is killed",
@@ -82,38 +152,49 @@ def _text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(words)) + "\n"
 
 
-def engine_args(s: Scenario, *extra: str) -> list[str]:
-    """The engine options of this scenario, relative to the row's folder (shared by build and verify)."""
+def engine_args(s: Scenario, *extra: str, final: bool = False) -> list[str]:
+    """The engine options of this scenario, relative to the row's folder (shared by build and
+    verify): those of the first run, or with `final` those of every run after the first kill."""
     return ["--docs", "corpus", "--collection", COLLECTION, "--upsert-batch", "16", "--progress", "off",
-            "--db", "db", "--state-root", "state", *s.model, *s.build_args, *extra]
+            "--db", "db", "--state-root", "state", *s.model, *s.build_args, *(s.resume_args if final else ()),
+            *extra]
 
 
-def build_command(s: Scenario, *extra: str) -> list[str]:
-    """The engine's CLI as a user types it; every run logs what it embeds to embed.log."""
-    return [sys.executable, "-m", "chroma_resume", "build", *engine_args(s, "--embed-log", "embed.log", *extra)]
+def build_command(s: Scenario, *extra: str, final: bool = False) -> list[str]:
+    """The engine's CLI as a user types it, through the harness's fsync observer (engine.py);
+    every run logs what it embeds to embed.log."""
+    return [sys.executable, "-m", "fault_injection.engine", "build",
+            *engine_args(s, "--embed-log", "embed.log", *extra, final=final)]
 
 
-def engine_config(folder: Path, s: Scenario):
+def engine_config(folder: Path, s: Scenario, final: bool = True):
     """The engine's own Config for this scenario in `folder`, resolved as its CLI does."""
     from chroma_resume import cli
 
-    args = cli.parser().parse_args(["build", *engine_args(s)])
+    args = cli.parser().parse_args(["build", *engine_args(s, final=final)])
     options = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in cli.OPTIONS}
     return cli.resolve_config({**options, "root": str(folder)}, folder=str(folder))
 
 
-def engine_paths(folder: Path, s: Scenario) -> dict[str, str]:
-    """state_dir, manifest and wal of this scenario in `folder`."""
+def engine_paths(folder: Path, s: Scenario, final: bool = True) -> dict[str, str]:
+    """state_dir, manifest and wal of this scenario in `folder` (under its first or final options)."""
     from chroma_resume import state
 
-    return state.paths(engine_config(folder, s))
+    return state.paths(engine_config(folder, s, final))
 
 
-def engine_env(failpoints: str = "") -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
+def engine_env(failpoints: str = "", sync_log: Path | None = None) -> dict[str, str]:
+    """The environment of a build: the pinned engine (if any) and the harness importable,
+    failpoints and the fsync log only when given."""
+    from .engine import ENGINE_ENV, SYNC_LOG_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CHROMA_RESUME_FAILPOINTS", SYNC_LOG_ENV)}
     env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get(ENGINE_ENV), HARNESS_ROOT, env.get("PYTHONPATH")]))
     if failpoints:
         env["CHROMA_RESUME_FAILPOINTS"] = failpoints
+    if sync_log:
+        env[SYNC_LOG_ENV] = str(sync_log)
     return env
 
 
@@ -124,32 +205,40 @@ def prepare(s: Scenario, folder: Path, seed: int) -> None:
     if s.start == "cold":
         return
     old_schema = ("--chunk-chars", "600", "--overlap-chars", "100") if s.start == "schema" else ()
-    subprocess.run(build_command(s, *old_schema), cwd=folder, env=engine_env(), check=True,
+    plain = dataclasses.replace(s, build_args=(), resume_args=())  # the start depends on start_key alone
+    subprocess.run(build_command(plain, *old_schema), cwd=folder, env=engine_env(), check=True,
                    capture_output=True, timeout=600)
     (folder / "embed.log").unlink()  # the embeddings counted are those of the runs under test
     if s.start == "mix":
-        _mix(corpus, s.docs, seed)
+        _mix(folder, s.docs, seed)
 
 
-def _mix(corpus: Path, n: int, seed: int) -> None:
-    """Adds, deletes, edits that grow a document, shrink it, or keep its size."""
+def _mix(folder: Path, n: int, seed: int) -> None:
+    """Adds, deletes, edits that grow a document, shrink it, or keep its size. The indexed text
+    of every touched document is kept in the attic and the kinds in mix.json, for the changes."""
+    corpus, attic = folder / "corpus", folder / ATTIC
     rng = random.Random(seed + 1)
     docs = sorted(corpus.iterdir())
     write_corpus(corpus, 4, seed + 2, first=n)
-    for path in docs[1:4]:  # grow
+    kinds = {"grown": docs[1:4], "shrunk": docs[-10:-7], "same-size": [docs[n // 2]], "removed": docs[-4:-1]}
+    touched = [p for paths in kinds.values() for p in paths]
+    attic.mkdir()
+    for path in touched:
+        shutil.copy2(path, attic / path.name)
+    for path in kinds["grown"]:
         path.write_text(path.read_text(encoding="utf-8") + _text(rng, 500), encoding="utf-8")
-    for path in docs[-10:-7]:  # shrink
+    for path in kinds["shrunk"]:
         path.write_text(_text(rng, 25), encoding="utf-8")
-    docs[n // 2].write_text(_text(rng, len(docs[n // 2].read_text().split())), encoding="utf-8")  # same size
-    for path in docs[-4:-1]:  # delete
+    for path in kinds["same-size"]:
+        path.write_text(_text(rng, len(path.read_text().split())), encoding="utf-8")
+    for path in kinds["removed"]:
         path.unlink()
+    record = {kind: [p.name for p in paths] for kind, paths in kinds.items()}
+    record["added"] = [f"doc{i:04d}.md" for i in range(n, n + 4)]
+    record["unchanged"] = [p.name for p in docs if p not in touched]
+    (folder / MIX_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
-def mutate(s: Scenario, folder: Path) -> str:
-    """Between crash and resume: edit or delete the first document (the first one committed)."""
-    target = sorted((folder / "corpus").iterdir())[0]
-    if s.mutate == "edit":
-        target.write_text(target.read_text(encoding="utf-8") + "Edited after the crash. " * 40, encoding="utf-8")
-    elif s.mutate == "delete":
-        target.unlink()
-    return f"corpus/{target.name}"
+def mixed(folder: Path, kind: str) -> list[str]:
+    """The uris of one kind of the mix (grown, shrunk, same-size, removed, added, unchanged)."""
+    return json.loads((folder / MIX_RECORD).read_text(encoding="utf-8"))[kind]

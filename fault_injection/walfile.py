@@ -1,16 +1,20 @@
 """The WAL as a crash leaves it: read its intact records, damage it as a crash could.
 
 The harness reads the file itself (with the engine's own CRC check) instead of asking
-the engine, so a bug in the engine's replay cannot hide a bug in its recovery.
+the engine, so a bug in the engine's replay cannot hide a bug in its recovery. What power
+loss keeps is what the engine really fsynced, as engine.py observed it, not what the WAL
+declares.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from chroma_resume import wal
 
-DAMAGES = ("none", "torn", "powerloss")
+DAMAGES = ("none", "torn", "powerloss", "hole")
+PAGE = 4096  # what a power loss drops or keeps at once
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,27 @@ def last_seq(path: str) -> int:
     return recs[-1].event.seq if recs else 0
 
 
-def damage(path: str, how: str) -> str:
+def synced_size(sync_log: Path, path: str) -> int:
+    """The size the file at `path` had at its last fsync that returned (0 if never): the
+    last line of the observer's log naming this file (same path and inode)."""
+    try:
+        inode = os.stat(path).st_ino
+        lines = sync_log.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return 0
+    real = os.path.realpath(path)
+    sizes = [int(size) for synced, ino, size in (line.split("\t") for line in lines)
+             if synced == real and int(ino) == inode]
+    return sizes[-1] if sizes else 0
+
+
+def damage(path: str, how: str, synced: int = 0) -> str:
     """Damage the WAL like a crash could; returns what was done, for the report.
 
     torn: the last line is cut in the middle (a write the kill interrupted).
-    powerloss: the file is cut back to what was surely fsynced: the `synced_to` the last
-    intact record declares, or its own end when it is a RUN_* record (always fsynced).
+    powerloss: the file is cut back to `synced`, the size of its last fsync.
+    hole: the page after `synced` is zeroed and later pages kept: power loss writes back
+    un-fsynced pages in any order (DESIGN §3: a torn tail, not corruption).
     """
     if how == "none" or not os.path.exists(path):
         return "none"
@@ -61,24 +80,38 @@ def damage(path: str, how: str) -> str:
             data = fh.read()
         body = data[:-1] if data.endswith(b"\n") else data
         start = body.rfind(b"\n") + 1
-        cut = start + (len(body) - start) // 2
-    elif how == "powerloss":
-        recs = records(path)
-        last = recs[-1] if recs else None
-        cut = 0 if last is None else (last.end if last.tag.startswith("RUN_") else last.event.synced_to)
-    else:
-        raise ValueError(f"unknown damage {how!r} (expected one of {', '.join(DAMAGES)})")
+        return _cut(path, size, start + (len(body) - start) // 2)
+    if how == "powerloss":
+        return _cut(path, size, min(synced, size))
+    if how == "hole":
+        end = min(size, (synced // PAGE + 1) * PAGE)
+        with open(path, "r+b") as fh:
+            fh.seek(synced)
+            fh.write(bytes(max(0, end - synced)))
+        return f"hole:{synced}-{end}"
+    raise ValueError(f"unknown damage {how!r} (expected one of {', '.join(DAMAGES)})")
+
+
+def _cut(path: str, size: int, cut: int) -> str:
     with open(path, "r+b") as fh:
         fh.truncate(cut)
-    return f"{how}:-{size - cut}B"
+    return f"cut:-{size - cut}B"
 
 
 def wasted_chunks(before_damage: list[Record], after_damage: list[Record], since_seq: int,
                   final: dict[str, str]) -> int:
     """Chunks a killed run may have embedded for nothing: the generations it began
     (records after `since_seq`) that the surviving WAL does not show committed, or that
-    are no longer current (`final`: uri -> content_sha256 of the finished index)."""
+    are no longer current (`final`: uri -> content_sha256 of the finished index; empty when
+    the run built another schema, whose vectors the final index cannot use)."""
     committed = {(r.event.uri, r.event.content_sha256) for r in after_damage if r.tag == "DOC_COMMITTED"}
     begun = {(r.event.uri, r.event.content_sha256): r.event.n_chunks
              for r in before_damage if r.tag == "DOC_BEGIN" and r.event.seq > since_seq}
     return sum(n for (uri, sha), n in begun.items() if (uri, sha) not in committed or final.get(uri) != sha)
+
+
+def first_about(path: str, tag: str, uris: list[str]) -> tuple[str, int] | None:
+    """The first `tag` record about one of `uris`: that uri, and which hit of `tag` it is
+    (1-based, in the WAL's order, as failpoints count hits)."""
+    hits = [r for r in records(path) if r.tag == tag]
+    return next(((r.event.uri, i) for i, r in enumerate(hits, 1) if getattr(r.event, "uri", None) in uris), None)
