@@ -201,3 +201,13 @@ def test_collection_name_too_long_for_the_lock_file_exits_2(tmp_path):
     args = [a if a != "test" else name for a in HASH_BUILD]
     result = run_cli(["build", *args], cwd=tmp_path)
     assert result.returncode == 2 and "too long" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_moved_project_folder_keeps_its_index(tmp_path, built):
+    """The collection's incarnation, not the folder's path, says which collection a manifest describes."""
+    moved = tmp_path / "moved"
+    built.rename(moved)
+    result = build(moved)
+    assert result.returncode == 0 and "up to date" in result.stdout, result.stdout + result.stderr
+    assert "key=missing_state_reset" not in result.stderr and summary(result.stdout)["chunks_upserted"] == "0"
+    assert verify(moved).returncode == 0

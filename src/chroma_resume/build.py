@@ -99,7 +99,7 @@ class _Run:
         self._readable_store()
         self.db = db = self._collection()
         incarnation = db.fingerprint()["incarnation"]
-        if manifest is not None and (manifest.incarnation != incarnation or manifest.db != cfg.db_identity(c)):
+        if manifest is not None and manifest.incarnation != incarnation:  # not its path: a moved folder is the same
             self.warn("manifest_of_another_collection", manifest=p["manifest"], collection=c.collection)
             manifest = None
         decision = resume_decision(replay, mode=c.resume, schema_hash=self.schema, collection=c.collection,
