@@ -241,6 +241,8 @@ class _Attempt:
         self.row.kills += 1
         before = walfile.records(self.wal)
         walfile.damage(self.wal, damage, walfile.synced_size(self.sync_log, self.wal))
+        if damage == "powercut":
+            walfile.empty_segments(str(self.folder / "db"))
         same_schema = self.changed or self.wals[False] == self.wals[True]
         self.row.bound += walfile.wasted_chunks(before, walfile.records(self.wal), self.since_seq,
                                                 self.final if same_schema else {})

@@ -105,12 +105,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     # the manifest's ids) reports them as orphans even after a clean build.
     Scenario("sync-none", "upsert only: old generations stay", start="mix", build_args=("--sync-mode", "none"),
              verify_passes=False),
-    Scenario("fsync-off", "WAL never fsynced but RUN_*: power loss drops its tail", start="mix",
-             build_args=FSYNC_OFF, damage=("powerloss",)),
+    # powercut: Chroma's segment files emptied too: the rerun sets the store aside, rebuilds from the cache.
+    Scenario("fsync-off", "WAL never fsynced but RUN_* and barriers: power loss drops its tail", start="mix",
+             build_args=FSYNC_OFF, damage=("powerloss", "powercut")),
     Scenario("fsync-doc", "WAL fsynced per commit group: power loss drops the open group",
-             build_args=("--wal-fsync", "doc"), damage=("powerloss",)),
+             build_args=("--wal-fsync", "doc"), damage=("powerloss", "powercut")),
     Scenario("fsync-interval", "WAL fsynced every 7 events: power loss drops up to 6",
-             build_args=FSYNC_INTERVAL, damage=("powerloss",)),
+             build_args=FSYNC_INTERVAL, damage=("powerloss", "powercut")),
     *_after_crash("undo-after-crash", "an edit whose old generation was deleted is undone before the resume",
                   change="undo"),
     *_after_crash("restore-after-crash", "a removed document, its chunks deleted, is restored before the resume",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from chroma_resume import wal
 
-DAMAGES = ("none", "torn", "powerloss", "hole")
+DAMAGES = ("none", "torn", "powerloss", "hole", "powercut")
 PAGE = 4096  # what a power loss drops or keeps at once
 
 
@@ -71,6 +71,8 @@ def damage(path: str, how: str, synced: int = 0) -> str:
     powerloss: the file is cut back to `synced`, the size of its last fsync.
     hole: the page after `synced` is zeroed and later pages kept: power loss writes back
     un-fsynced pages in any order (DESIGN §3: a torn tail, not corruption).
+    powercut: powerloss, and Chroma's segment files (never fsynced by Chroma) emptied: see
+    `empty_segments`, which the runner applies to the row's database.
     """
     if how == "none" or not os.path.exists(path):
         return "none"
@@ -81,7 +83,7 @@ def damage(path: str, how: str, synced: int = 0) -> str:
         body = data[:-1] if data.endswith(b"\n") else data
         start = body.rfind(b"\n") + 1
         return _cut(path, size, start + (len(body) - start) // 2)
-    if how == "powerloss":
+    if how in ("powerloss", "powercut"):
         return _cut(path, size, min(synced, size))
     if how == "hole":
         end = min(size, (synced // PAGE + 1) * PAGE)
@@ -90,6 +92,21 @@ def damage(path: str, how: str, synced: int = 0) -> str:
             fh.write(bytes(max(0, end - synced)))
         return f"hole:{synced}-{end}"
     raise ValueError(f"unknown damage {how!r} (expected one of {', '.join(DAMAGES)})")
+
+
+SEGMENT_FILES = ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin", "index_metadata.pickle")
+
+
+def empty_segments(db: str) -> int:
+    """What a power cut leaves of Chroma's vector index files when no build finished since they
+    were written (only a finished build fsyncs them): 0 bytes each. Returns how many were cut."""
+    cut = 0
+    for folder, _, files in os.walk(db):
+        for name in files:
+            if name in SEGMENT_FILES:
+                open(os.path.join(folder, name), "wb").close()
+                cut += 1
+    return cut
 
 
 def _cut(path: str, size: int, cut: int) -> str:
