@@ -201,7 +201,7 @@ def test_unreadable_document_keeps_its_entry_and_chunks(listing):
 def test_unreadable_document_keeps_the_wal_committed_generation_over_the_manifest_one():
     r = replay_of(begun("x", A2, 2), committed("x", A2, 2))
     d = by_uri(make_plan([], {"x": entry("x", A1, 3)}, r, "incremental", Listing(files={"x"})))["x"]
-    assert (d.action, d.content_sha256) == ("resumed", A2)
+    assert (d.kind, d.content_sha256, d.entry) == ("kept", A2, None)  # the build reads its entry from Chroma
     assert [g.content_sha256 for g in d.old_generations] == [A1]
 
 
@@ -211,3 +211,11 @@ def test_resume_refused_for_a_recreated_collection_or_with_the_wal_off():
     assert resume_decision(r, incarnation="one", **common).active
     assert resume_decision(r, incarnation="two", **common).reason.startswith("collection_recreated")
     assert resume_decision(r, incarnation="one", wal_enabled=False, **common).reason == "wal_off"
+
+
+def test_a_doc_id_moved_to_another_uri_is_not_an_old_generation_of_its_first_uri():
+    """Units: a's doc_id X (text T) moves to b; a gets doc_id Z. X:T is b's now: a must not delete it."""
+    moved = Document(uri="b", doc_id="id-a", content_sha256=A1, source_type="md")
+    renamed = Document(uri="a", doc_id="z", content_sha256=A2, source_type="md")
+    d = by_uri(make_plan([moved, renamed], {"a": entry("a", A1, 3)}, None, "incremental"))
+    assert d["a"].old_generations == [] and d["b"].action == "embed"

@@ -211,3 +211,128 @@ def test_a_moved_project_folder_keeps_its_index(tmp_path, built):
     assert result.returncode == 0 and "up to date" in result.stdout, result.stdout + result.stderr
     assert "key=missing_state_reset" not in result.stderr and summary(result.stdout)["chunks_upserted"] == "0"
     assert verify(moved).returncode == 0
+
+
+# ---- skipped is not deleted, whatever the WAL or the timing ------------------------------------
+
+@pytest.fixture
+def edited_and_killed(built: Path) -> Path:
+    """doc0001 edited; the build committed the new generation, deleted the old one, and died."""
+    target = built / "corpus" / "doc0001.md"
+    target.write_text(target.read_text() + "A new paragraph, committed before the kill.\n")
+    assert build(built, fail="wal.after_append:DOC_DONE@1=kill").returncode == -9
+    return built
+
+
+@pytest.mark.parametrize("unreadable, extra", [("utf8", ("--resume", "off")), ("fifo", ())])
+def test_an_unreadable_file_keeps_the_generation_chroma_holds_even_without_the_wal(
+        edited_and_killed, unreadable, extra):
+    root = edited_and_killed
+    held = {i: row for i, row in collection_rows(root / ".chroma", "test").items() if row[1]["source_uri"] == "doc0001.md"}
+    target = root / "corpus" / "doc0001.md"
+    target.unlink()
+    if unreadable == "fifo":
+        os.mkfifo(target)
+    else:
+        target.write_bytes(b"\xff\xfe not utf-8")
+    result = build(root, *extra)
+    assert result.returncode == 0, result.stderr
+    assert "key=orphans_deleted" not in result.stderr and "key=missing_after_build" not in result.stderr
+    after = collection_rows(root / ".chroma", "test")
+    assert {i: row for i, row in after.items() if row[1]["source_uri"] == "doc0001.md"} == held
+    assert verify(root).returncode == 0
+
+
+def test_a_file_unreadable_between_planning_and_embedding_is_kept(built, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    before = {i: r for i, r in collection_rows(built / ".chroma", "test").items() if r[1]["source_uri"] == "doc0006.md"}
+    trace = tmp_path / "trace"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CHROMA_RESUME_FAILPOINTS": f"trace={trace};lock.acquired=sleep(3000)"}
+    proc = subprocess.Popen([sys.executable, "-m", "chroma_resume", "build", *HASH_BUILD, "--sync-mode", "delete-stale"],
+                            cwd=built, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (trace.exists() and "lock.acquired" in trace.read_text()):  # planned: the scan is over
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    (built / "corpus" / "doc0006.md").write_bytes(b"\xff\xfe no longer utf-8")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "key=vanished_during_build" in err and "key=orphans_deleted" not in err
+    after = {i: r for i, r in collection_rows(built / ".chroma", "test").items() if r[1]["source_uri"] == "doc0006.md"}
+    assert after == before and verify(built).returncode == 0
+
+
+# ---- units files: what a clean build stores, exactly ------------------------------------------
+
+def _units_build(root: Path, rows: list[dict], *extra: str):
+    (root / "units.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_cli(["build", *UNITS_BUILD, "--units", "units.jsonl", *extra], cwd=root)
+
+
+def test_metadata_type_changes_are_written(tmp_path):
+    """1 == True == 1.0 in Python; Chroma stores them apart, and a clean build stores the new type."""
+    rows = [{"source_uri": "a", "text": "alpha beta. " * 30, "metadata": {"flag": 1, "score": 2}}]
+    root, clean = tmp_path / "run", tmp_path / "clean"
+    root.mkdir(), clean.mkdir()
+    assert _units_build(root, rows).returncode == 0
+    rows[0]["metadata"] = {"flag": True, "score": 2.0}
+    assert _units_build(root, rows).returncode == 0
+    assert _units_build(clean, rows).returncode == 0
+    got = [m for _, m, _ in collection_rows(root / ".chroma", "test").values()]
+    assert got == [m for _, m, _ in collection_rows(clean / ".chroma", "test").values()]
+    assert all(m["flag"] is True and isinstance(m["score"], float) for m in got)
+
+
+def test_a_doc_id_moved_to_another_uri_needs_no_repair(tmp_path):
+    before = [{"source_uri": "a", "text": "text of x. " * 40, "doc_id": "X"}, {"source_uri": "c", "text": "c. " * 40}]
+    after = [{"source_uri": "b", "text": "text of x. " * 40, "doc_id": "X"},
+             {"source_uri": "a", "text": "a new text. " * 40, "doc_id": "Z"}, {"source_uri": "c", "text": "c. " * 40}]
+    root, clean = tmp_path / "run", tmp_path / "clean"
+    root.mkdir(), clean.mkdir()
+    assert _units_build(root, before).returncode == 0
+    result = _units_build(root, after)
+    assert result.returncode == 0 and "key=missing_after_build" not in result.stderr, result.stderr
+    assert _units_build(clean, after).returncode == 0
+    assert collection_rows(root / ".chroma", "test") == collection_rows(clean / ".chroma", "test")
+
+
+def test_doit_sees_a_metadata_or_doc_id_change_as_work(tmp_path):
+    from chroma_resume import cli
+    from chroma_resume.status import up_to_date
+
+    rows = [{"source_uri": "a", "text": "alpha. " * 40, "metadata": {"lang": "en"}}]
+    assert _units_build(tmp_path, rows).returncode == 0
+    c = cli.resolve_config({"root": str(tmp_path), "units": "units.jsonl", "collection": "test",
+                            "embed_model": "hash:32"}, folder=str(tmp_path))
+    assert up_to_date(c)[0]
+    for change in ({"metadata": {"lang": "fr"}}, {"doc_id": "renamed"}, {"source_type": "faq"}):
+        (tmp_path / "units.jsonl").write_text(json.dumps({**rows[0], **change}) + "\n")
+        assert up_to_date(c) == (False, "corpus changed"), change
+
+
+def test_a_corrupt_cached_vector_is_a_miss(tmp_path, built):
+    import sqlite3
+
+    cache = built / ".chroma-state" / "embed-cache.sqlite3"
+    with sqlite3.connect(cache) as db:
+        key, blob = db.execute("SELECT key, vector FROM vectors LIMIT 1").fetchone()
+        db.execute("UPDATE vectors SET vector = ? WHERE key = ?", (bytes(len(blob)), key))  # all zeros
+    shutil.rmtree(built / ".chroma")
+    result = build(built)
+    assert result.returncode == 0 and "key=embed_cache_bad_vector" in result.stderr
+    assert summary(result.stdout)["chunks_embedded"] == "1"
+    assert collection_rows(built / ".chroma", "test") == clean_build(tmp_path, built)
+
+
+def test_status_verify_and_build_agree_when_the_db_folder_is_lost_after_a_crash(built):
+    (built / "corpus" / "doc0002.md").write_text("changed. " * 50)
+    assert build(built, fail="wal.after_append:DOC_COMMITTED@1=kill").returncode == -9
+    shutil.rmtree(built / ".chroma")
+    said = [run_cli([verb, *HASH_BUILD], cwd=built) for verb in ("resume-status", "verify")]
+    result = build(built)
+    assert "resume_active=false reason=collection_recreated" in result.stdout
+    assert "resume_active=false" in said[0].stdout and "collection_recreated" in said[0].stdout
+    assert "resume_active=false reason=collection_recreated" in said[1].stdout

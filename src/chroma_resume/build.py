@@ -25,7 +25,7 @@ from . import corpus, embedding, failpoints, state, store, wal
 from .config import Config
 from .errors import CheckFailed, ChromaResumeError, Interrupted, StoreCorrupt, UsageError, WalCorrupt
 from .pipeline import Counters, OpenDoc, Pipeline, VectorSource, delete_generations
-from .plan import DocAction, Plan, ResumeDecision, make_plan, resume_decision
+from .plan import DocAction, Generation, Plan, ResumeDecision, make_plan, resume_decision
 from .reporting import Progress, Warnings
 
 
@@ -175,7 +175,10 @@ class _Run:
         for lo in range(0, len(plan.stale), 256):
             delete_generations(self.db, self.log, plan.stale[lo:lo + 256], "stale", c.delete_batch, self.counters)
             self._commit_group()
-        in_place = [a for a in plan.docs if a.action == "unchanged"]
+        for a in plan.docs:
+            if a.kind == "kept":
+                self._keep_unreadable(a)
+        in_place = [a for a in plan.docs if a.action == "unchanged" and a.kind != "kept"]
         for a in in_place:
             self.committed[a.uri] = self._entry(a, a.n_chunks)
         delete_generations(self.db, self.log, [g for a in in_place for g in a.old_generations], "old",
@@ -201,10 +204,8 @@ class _Run:
         return s
 
     def _entry(self, a: DocAction, n_chunks: int) -> state.DocEntry:
-        """What the manifest records for a document: the corpus's view, or what an unreadable one keeps."""
-        ref = self.refs.get(a.uri)
-        if ref is None:
-            return a.entry
+        """What the manifest records for a document the scan read."""
+        ref = self.refs[a.uri]
         return state.DocEntry(doc_id=ref.doc_id, content_sha256=a.content_sha256, n_chunks=n_chunks,
                               source_type=ref.source_type, updated_at=ref.updated_at, metadata=ref.metadata)
 
@@ -283,7 +284,7 @@ class _Run:
         skipped: list[DocAction] = []
         for a in resumed:
             missing = [i for i in state.generation_ids(a.doc_id, a.content_sha256, a.n_chunks) if i not in present]
-            if missing and a.uri in self.refs:
+            if missing:
                 self.warn("wal_ahead_of_db", uri=a.uri, missing_chunks=len(missing))
                 again.append(msgspec.structs.replace(a, action="embed"))
             else:
@@ -314,14 +315,34 @@ class _Run:
             pipe.close()
         self._commit_group()
         progress.close()
-        for uri, a in by_uri.items():  # planned but unreadable now: keep what Chroma held
-            self.warn("vanished_during_build", path=uri)
-            kept = next((g for g in a.old_generations if g.content_sha256 == a.old_content_sha256), None)
-            if kept is not None and uri in self.refs:
-                ref = self.refs[uri]
-                self.committed[uri] = state.DocEntry(doc_id=kept.doc_id, content_sha256=kept.content_sha256,
-                                                     n_chunks=kept.n_chunks, source_type=ref.source_type,
-                                                     updated_at=ref.updated_at, metadata=ref.metadata)
+        for a in by_uri.values():  # planned but unreadable now: skipped is not deleted
+            self.warn("vanished_during_build", path=a.uri)
+            self.refs.pop(a.uri, None)
+            self._keep_unreadable(a)
+        self._commit_group()
+
+    def _keep_unreadable(self, a: DocAction) -> None:
+        """A document the scan listed but cannot read keeps a complete generation of what Chroma holds
+        for its doc_id (asked of Chroma, so it holds even when the WAL that knew was set aside), the
+        plan's preferred one first, with that generation's stored metadata; its other generations are
+        deleted. Nothing complete: WARN, touch nothing, leave it out of the manifest until readable."""
+        metas: dict[str, list[dict]] = {}
+        for row in self.db.find({"doc_id": a.doc_id}).values():
+            metas.setdefault(row["metadatas"]["content_sha256"], []).append(row["metadatas"])
+        complete = [sha for sha, rows in metas.items() if len(rows) == rows[0]["n_chunks"]]
+        order = [a.content_sha256, *(g.content_sha256 for g in a.old_generations)]
+        chosen = next((sha for sha in order if sha in complete), complete[0] if complete else None)
+        if chosen is None:
+            if not metas and a.entry is not None and a.entry.n_chunks == 0:
+                self.committed[a.uri] = a.entry  # an empty document: nothing to find, nothing lost
+            else:
+                self.warn("unreadable_document_incomplete", path=a.uri, chunks=sum(map(len, metas.values())))
+            return
+        self.committed[a.uri] = state.entry_from_metadata(metas[chosen][0], a.entry.updated_at if a.entry else "")
+        if self.c.sync_mode != "none":
+            others = [Generation(a.uri, a.doc_id, sha, rows[0]["n_chunks"]) for sha, rows in metas.items()
+                      if sha != chosen]
+            delete_generations(self.db, self.log, others, "old", self.c.delete_batch, self.counters)
 
     def _doc_committed(self, opened: OpenDoc) -> None:
         doc = opened.doc

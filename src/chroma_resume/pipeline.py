@@ -31,6 +31,9 @@ from .plan import DocAction, Generation
 from .reporting import Progress, Warnings
 
 
+UNIT_SLACK = 1e-2  # how far from norm 1 a cached vector may be (half precision stays far inside)
+
+
 class Counters(msgspec.Struct, kw_only=True):
     chunks_embedded: int = 0  # model calls
     chunks_from_cache: int = 0
@@ -72,9 +75,14 @@ class VectorSource:
             self.cache = cache.open_cache(c, embedding.model_fingerprint(c), warn)
 
     def lookup(self, texts: list[str]) -> dict[int, np.ndarray]:
+        """Cached vectors that can be right: every embedder here returns finite unit vectors, so a
+        row that is not one (a flipped bit in the file) is a miss, recomputed and overwritten."""
         found = self.cache.get_many(texts) if self.cache and texts else {}
-        self.counters.chunks_from_cache += len(found)
-        return found
+        usable = {i: v for i, v in found.items() if np.all(np.isfinite(v)) and abs(np.linalg.norm(v) - 1) < UNIT_SLACK}
+        if len(usable) < len(found):
+            self.warn("embed_cache_bad_vector", count=len(found) - len(usable))
+        self.counters.chunks_from_cache += len(usable)
+        return usable
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if self.model is None:
@@ -163,7 +171,7 @@ class Pipeline:
         def same_text(ch: Chunk) -> bool:
             return ch.id in held and held[ch.id]["documents"] == ch.text and ch.owner.action.kind != "refresh"
 
-        todo = [ch for ch in batch if not (same_text(ch) and held[ch.id]["metadatas"] == ch.metadata)]
+        todo = [ch for ch in batch if not (same_text(ch) and state.same_metadata(held[ch.id]["metadatas"], ch.metadata))]
         # Chroma merges an upsert's metadata into the stored one: a stored key we no longer write is removed with None.
         metadatas = [{**{k: None for k in (held[ch.id]["metadatas"] or {}) if k not in ch.metadata}, **ch.metadata}
                      if ch.id in held else ch.metadata for ch in todo]

@@ -80,7 +80,10 @@ def make_plan(corpus: list[Document], manifest: dict[str, DocEntry], replay: Rep
         known = manifest.get(doc.uri)
         kind = "added" if known is None else ("unchanged" if _same(known, doc) else "changed")
         counts[kind] += 1
-        docs.append(_document(doc, known, _known(doc.uri, known, replay), sync_mode, deletes))
+        live = _known(doc.uri, known, replay)
+        for key in current_keys & set(live) - {generation_key(doc.doc_id, doc.content_sha256)}:
+            del live[key]  # another document's current generation now (a doc_id moved to another uri)
+        docs.append(_document(doc, known, live, sync_mode, deletes))
     seen = {d.uri for d in corpus}
     stale: list[Generation] = []
     gone = sorted((set(manifest) | set(replay.generations if replay else ())) - seen)
@@ -134,18 +137,18 @@ def _document(doc: Document, known: DocEntry | None, live: dict[str, _Known], sy
 
 
 def _kept(uri: str, known: DocEntry | None, live: dict[str, _Known], deletes: bool) -> DocAction | None:
-    """Skipped is not deleted: an unreadable document keeps its newest complete generation."""
-    complete = [k for k in live.values() if k.state != "partial"]
-    if not complete:
+    """Skipped is not deleted: an unreadable document keeps a complete generation. Which one is
+    the build's to find out from Chroma; the plan only says which it prefers (the WAL's
+    committed one is newer than the manifest's) and which others there may be."""
+    if not live:
         return None
-    keep = next((k for k in complete if k.state == "committed"), complete[0])  # the WAL's is newer
-    g = keep.gen
+    ranked = sorted(live.values(), key=lambda k: ("committed", "manifest", "partial").index(k.state))
+    g = ranked[0].gen
     entry = known if known is not None and known.content_sha256 == g.content_sha256 and known.doc_id == g.doc_id \
-        else DocEntry(doc_id=g.doc_id, content_sha256=g.content_sha256, n_chunks=g.n_chunks)
-    olds = [k.gen for k in live.values() if k is not keep]
-    return DocAction(uri=uri, doc_id=g.doc_id, content_sha256=g.content_sha256, meta_sha256=keep.meta_sha256,
-                     action="resumed" if keep.state == "committed" else "unchanged", kind="kept",
-                     n_chunks=g.n_chunks, old_generations=olds if deletes else [], entry=entry)
+        else None
+    return DocAction(uri=uri, doc_id=g.doc_id, content_sha256=g.content_sha256, meta_sha256=ranked[0].meta_sha256,
+                     action="unchanged", kind="kept", n_chunks=g.n_chunks,
+                     old_generations=[k.gen for k in ranked[1:]] if deletes else [], entry=entry)
 
 
 def _known(uri: str, known: DocEntry | None, replay: Replay | None) -> dict[str, _Known]:

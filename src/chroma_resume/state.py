@@ -78,6 +78,23 @@ def chunk_metadata(uri: str, doc_id: str, content_sha256: str, source_type: str,
             "text_sha256": text_sha256(text)}
 
 
+CHUNK_KEYS = ("doc_id", "source_uri", "content_sha256", "chunk_index", "n_chunks", "source_type", "text_sha256")
+
+
+def entry_from_metadata(meta: dict, updated_at: str = "") -> DocEntry:
+    """The manifest entry a stored chunk's metadata describes (chunk_metadata's inverse): what a
+    document the scan cannot read keeps, taken from what Chroma really holds."""
+    return DocEntry(doc_id=meta["doc_id"], content_sha256=meta["content_sha256"], n_chunks=meta["n_chunks"],
+                    source_type=meta.get("source_type", ""), updated_at=updated_at,
+                    metadata={k: v for k, v in meta.items() if k not in CHUNK_KEYS})
+
+
+def same_metadata(a: dict | None, b: dict | None) -> bool:
+    """Equal keys, values and types: in Python 1 == 1.0 == True, but Chroma stores them apart."""
+    a, b = a or {}, b or {}
+    return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and a[k] == b[k] for k in a)
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -50,7 +50,7 @@ def status(c: Config) -> dict:
         report["resume_active"], report["resume_reason"] = False, "wal_corrupt(build exits 4)"
     else:
         decision = resume_decision(replay, mode=c.resume, schema_hash=schema, collection=c.collection,
-                                   db=cfg.db_identity(c),
+                                   db=cfg.db_identity(c), incarnation=_lost_collection(c),
                                    manifest_run_id=manifest.last_build.get("run_id") if manifest else None,
                                    wal_enabled=c.wal)
         report["resume_active"], report["resume_reason"] = decision.active, decision.reason
@@ -61,6 +61,14 @@ def status(c: Config) -> dict:
         report["store_fix"] = "doit build (or chroma-resume repair): sets the folder aside, rebuilds from the cache"
     report["samples"] = _samples(replay, manifest)
     return report
+
+
+def _lost_collection(c: Config) -> str | None:
+    """Without opening Chroma status cannot read the collection's incarnation, but it can see that an
+    embedded store is gone: a build would create a new collection and set the WAL aside."""
+    if not c.chroma_host and not os.path.exists(os.path.join(cfg.path(c, c.db), "chroma.sqlite3")):
+        return "none(the --db folder is missing)"
+    return None
 
 
 def _samples(replay: wal.Replay | None, manifest: state.Manifest | None) -> list[dict]:
@@ -103,6 +111,8 @@ def up_to_date(c: Config) -> tuple[bool, str]:
     if store.damaged_files(c):
         return False, "the Chroma folder is damaged"
     with open(os.devnull, "w") as quiet:
-        current = {d.uri: d.content_sha256 for d in corpus.scan(c, Warnings(stream=quiet))}
-    recorded = {uri: entry.content_sha256 for uri, entry in manifest.documents.items()}
+        current = {d.uri: (d.doc_id, d.content_sha256, state.meta_sha256(d.metadata, d.source_type))
+                   for d in corpus.scan(c, Warnings(stream=quiet))}
+    recorded = {uri: (e.doc_id, e.content_sha256, state.meta_sha256(e.metadata, e.source_type))
+                for uri, e in manifest.documents.items()}
     return (current == recorded, "corpus unchanged" if current == recorded else "corpus changed")

@@ -76,6 +76,17 @@ class Store:
                 found[chunk_id] = {field: page[field][i] for field in include}
         return found
 
+    def find(self, where: dict, include: Sequence[str] = ("metadatas",)) -> dict[str, dict]:
+        """Rows whose metadata matches `where` (e.g. every stored chunk of one doc_id), paged."""
+        found: dict[str, dict] = {}
+        while True:
+            page = _retry(self.where, "get", lambda: self.collection.get(
+                where=where, include=list(include), limit=SCAN_PAGE, offset=len(found)))
+            for i, chunk_id in enumerate(page["ids"]):
+                found[chunk_id] = {field: page[field][i] for field in include}
+            if len(page["ids"]) < SCAN_PAGE:
+                return found
+
     def scan(self, include: Sequence[str] = ()) -> Iterator[dict]:
         """Page through the whole collection: {'id', 'metadata', 'embedding', 'document'} per row."""
         offset = 0

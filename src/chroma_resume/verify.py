@@ -96,14 +96,16 @@ def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: 
     p = state.paths(c)
     schema = cfg.schema_hash(c)
     manifest, manifest_check = _manifest_check(p, schema)
-    checks = [manifest_check, _wal_check(c, p["wal"], schema, manifest)]
+    store_check = _store_check(c)
+    db = store.open_store(c) if store_check.ok else None
+    # The collection a build would write to: a WAL of another incarnation would be set aside.
+    incarnation = db.fingerprint()["incarnation"] if db is not None else "none(no readable collection)"
+    checks = [manifest_check, _wal_check(c, p["wal"], schema, manifest, incarnation)]
     if manifest is None:
         return VerifyResult(checks)
-    store_check = _store_check(c)
     checks.append(store_check)
     if not store_check.ok:
         return VerifyResult(checks)
-    db = store.open_store(c)
     if db is None:
         checks.append(Check("collection", False, f"collection {c.collection!r} does not exist in "
                                                  f"{cfg.db_identity(c)}", BUILD))
@@ -140,7 +142,7 @@ def _manifest_check(p: dict, schema: str) -> tuple[state.Manifest | None, Check]
                             f"{p['manifest']} schema={manifest.schema_hash} LATEST={latest} config={schema}", BUILD)
 
 
-def _wal_check(c: Config, path: str, schema: str, manifest: state.Manifest | None) -> Check:
+def _wal_check(c: Config, path: str, schema: str, manifest: state.Manifest | None, incarnation: str) -> Check:
     """Describes the WAL as resume-status does: the decision a build would take, with its reason."""
     try:
         replay = wal.read(path)
@@ -150,7 +152,8 @@ def _wal_check(c: Config, path: str, schema: str, manifest: state.Manifest | Non
                      f"then {BUILD}")
     recorded = manifest.last_build.get("run_id") if manifest else None
     decision = resume_decision(replay, mode=c.resume, schema_hash=schema, collection=c.collection,
-                               db=cfg.db_identity(c), manifest_run_id=recorded, wal_enabled=c.wal)
+                               db=cfg.db_identity(c), manifest_run_id=recorded, wal_enabled=c.wal,
+                               incarnation=incarnation)
     verdict = f"resume_active={str(decision.active).lower()} reason={decision.reason}"
     if decision.reason in ("no_wal", "wal_finished_ok"):
         return Check("wal", True, f"no unfinished run ({verdict})")
@@ -236,7 +239,7 @@ def _metadata_diff(stored: dict, slot: _Slot) -> list[str]:
                                 e.n_chunks, "")
     keys = sorted((set(want) | set(stored)) - {"text_sha256"})
     return [f"{k}={stored.get(k)!r} (expected {want.get(k)!r})" for k in keys
-            if k not in stored or k not in want or stored[k] != want[k]]
+            if k not in stored or k not in want or not state.same_metadata({k: stored[k]}, {k: want[k]})]
 
 
 def _unit(vector: np.ndarray) -> bool:
