@@ -219,3 +219,18 @@ def test_a_doc_id_moved_to_another_uri_is_not_an_old_generation_of_its_first_uri
     renamed = Document(uri="a", doc_id="z", content_sha256=A2, source_type="md")
     d = by_uri(make_plan([moved, renamed], {"a": entry("a", A1, 3)}, None, "incremental"))
     assert d["a"].old_generations == [] and d["b"].action == "embed"
+
+
+def test_resume_off_still_believes_the_wals_deletions_and_doubts_its_commits():
+    r = replay_of(begun("x", A2, 2), committed("x", A2, 2), intent("x", A1, 3), old_done("x", A1, 3))
+    d = by_uri(make_plan([doc("x", A2)], {"x": entry("x", A1, 3)}, r, "incremental", trust_commits=False))["x"]
+    assert (d.action, d.n_chunks) == ("embed", 2) and d.old_generations == []
+
+
+def test_sync_none_keeps_what_it_would_delete_and_a_later_sync_deletes_it():
+    manifest = {"edit": entry("edit", A1, 2), "gone": entry("gone", A2, 1)}
+    none = make_plan([doc("edit", A3)], manifest, None, "none")
+    assert none.stale == [] and sorted(g.uri for g in none.leftovers) == ["edit", "gone"]
+    later = make_plan([doc("edit", A3)], {"edit": entry("edit", A3, 1)}, None, "incremental",
+                      leftovers=none.leftovers)
+    assert sorted((g.uri, g.content_sha256) for g in later.stale) == [("edit", A1), ("gone", A2)]

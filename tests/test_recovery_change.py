@@ -336,3 +336,35 @@ def test_status_verify_and_build_agree_when_the_db_folder_is_lost_after_a_crash(
     assert "resume_active=false reason=collection_recreated" in result.stdout
     assert "resume_active=false" in said[0].stdout and "collection_recreated" in said[0].stdout
     assert "resume_active=false reason=collection_recreated" in said[1].stdout
+
+
+def test_resume_off_after_a_crash_mid_metadata_change_rewrites_what_the_crash_left(tmp_path):
+    rows = [{"source_uri": f"u{i}", "text": f"unit {i} text. " * 80, "metadata": {"v": 1}} for i in range(3)]
+    root, clean = tmp_path / "run", tmp_path / "clean"
+    root.mkdir(), clean.mkdir()
+    assert _units_build(root, rows).returncode == 0
+    changed = [{**r, "metadata": {"v": "two"}} for r in rows]
+    (root / "units.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+    env = {"CHROMA_RESUME_FAILPOINTS": "store.after_upsert@1=kill"}
+    killed = run_cli(["build", *UNITS_BUILD, "--units", "units.jsonl", "--upsert-batch", "4"], cwd=root, env=env)
+    assert killed.returncode == -9
+    result = _units_build(root, rows, "--resume", "off")  # the metadata change reverted
+    assert result.returncode == 0 and "up to date" not in result.stdout, result.stdout
+    assert _units_build(clean, rows).returncode == 0
+    assert collection_rows(root / ".chroma", "test") == collection_rows(clean / ".chroma", "test")
+
+
+def test_sync_none_then_incremental_deletes_the_leftovers_without_a_repair(tmp_path, built):
+    (built / "corpus" / "doc0001.md").unlink()
+    (built / "corpus" / "doc0002.md").write_text("a new text. " * 40)
+    assert build(built, "--sync-mode", "none").returncode == 0
+    from chroma_resume import cli
+    from chroma_resume.status import up_to_date
+
+    c = cli.resolve_config({"root": str(built), **{k.lstrip("-").replace("-", "_"): v for k, v in
+                                                    zip(HASH_BUILD[::2], HASH_BUILD[1::2])}}, folder=str(built))
+    assert not up_to_date(c)[0]
+    result = build(built)
+    assert result.returncode == 0 and "key=orphans_deleted" not in result.stderr, result.stderr
+    assert collection_rows(built / ".chroma", "test") == clean_build(tmp_path, built)
+    assert up_to_date(c)[0]

@@ -48,7 +48,7 @@ def broken(big: Path, tmp_path: Path) -> Path:
 
 def test_status_and_verify_name_the_broken_store_and_the_fix(broken):
     status = run_cli(["resume-status", *HASH_BUILD], cwd=broken)
-    assert status.returncode == 0 and "store_ok=false" in status.stdout and "store_fix=" in status.stdout
+    assert status.returncode == 0 and "store_files_ok=false" in status.stdout and "store_fix=" in status.stdout
     verify = run_cli(["verify", *HASH_BUILD], cwd=broken)
     assert verify.returncode == 1 and "[FAIL] store" in verify.stdout
     assert "repair" in verify.stderr and "Traceback" not in verify.stdout + verify.stderr

@@ -25,7 +25,7 @@ from . import corpus, embedding, failpoints, state, store, wal
 from .config import Config
 from .errors import CheckFailed, ChromaResumeError, Interrupted, StoreCorrupt, UsageError, WalCorrupt
 from .pipeline import Counters, OpenDoc, Pipeline, VectorSource, delete_generations
-from .plan import DocAction, Generation, Plan, ResumeDecision, make_plan, resume_decision
+from .plan import FACTS_ONLY, DocAction, Generation, Plan, ResumeDecision, make_plan, resume_decision
 from .reporting import Progress, Warnings
 
 
@@ -112,8 +112,9 @@ class _Run:
         if state.read_latest(p["collection_dir"]) != self.schema:
             state.write_latest(p["collection_dir"], self.schema)
         self.refs = {d.uri: d for d in docs}
-        plan = make_plan(docs, manifest.documents if manifest else {}, replay if decision.active else None,
-                         c.sync_mode, listing)
+        facts = replay if decision.active or decision.reason in FACTS_ONLY else None
+        plan = make_plan(docs, manifest.documents if manifest else {}, facts, c.sync_mode, listing,
+                         trust_commits=decision.active, leftovers=manifest.leftovers if manifest else [])
         self._stage_line(decision, replay)
         self._open_wal(replay, decision, db.fingerprint()["incarnation"])
         self.source = VectorSource(c, self.warn, self.counters)
@@ -199,7 +200,7 @@ class _Run:
         self._finish(True, "ok")
         s.elapsed_sec = round(time.monotonic() - started, 3)
         store.make_durable(c)  # a manifest on disk means the collection it describes is on disk too
-        self._write_manifest(manifest)
+        self._write_manifest(manifest, plan.leftovers)
         self._clear_wal()
         return s
 
@@ -217,11 +218,14 @@ class _Run:
     # ---- WAL -------------------------------------------------------------------------
     def _open_wal(self, replay: wal.Replay | None, decision: ResumeDecision, incarnation: str) -> None:
         c, path = self.c, self.p["wal"]
-        if replay is not None and not decision.active:
+        # --resume off redoes the run's work but keeps appending to its WAL: its facts (deletions,
+        # doubts) must outlive this run too, or a crash now would forget them.
+        continued = decision.active or (decision.reason == "resume_off" and c.wal)
+        if replay is not None and not continued:
             self._retire_wal(replay, decision.reason)
         if not c.wal:
             return
-        if decision.active:
+        if continued:
             if replay.truncated_tail:
                 wal.drop_torn_tail(path, replay.good_size)
             self.log = wal.Writer(path, replay.start.run_id, policy=c.wal_fsync, interval=c.wal_fsync_interval,
@@ -374,7 +378,7 @@ class _Run:
         return {i for e in self.committed.values() for i in state.generation_ids(e.doc_id, e.content_sha256, e.n_chunks)}
 
     # ---- outputs ---------------------------------------------------------------------
-    def _write_manifest(self, manifest: state.Manifest | None) -> None:
+    def _write_manifest(self, manifest: state.Manifest | None, leftovers: list[Generation]) -> None:
         if not self.c.write_state:
             return
         dim = self.source.dim or (manifest.dim if manifest else None)
@@ -383,7 +387,7 @@ class _Run:
         state.write_manifest(self.p["manifest"], state.Manifest(
             schema_hash=self.schema, collection=self.c.collection, db=cfg.db_identity(self.c), dim=dim,
             incarnation=self.db.fingerprint()["incarnation"], config=cfg.snapshot(self.c),
-            documents=dict(sorted(self.committed.items())),
+            documents=dict(sorted(self.committed.items())), leftovers=leftovers,
             last_build={**msgspec.to_builtins(self.summary), "run_id": self.log.run_id,
                         "finished_at": state.now_iso(), "warn_count": self.warn.count}))
 
@@ -398,10 +402,12 @@ class _Run:
 
 
 def _current(action: DocAction, doc: corpus.Document) -> DocAction:
-    """The document may have been edited since planning: embed what we read now."""
+    """The document may have been edited since planning: embed what we read now; the planned
+    generation, if a crashed run left chunks of it, is an old one now."""
     if doc.content_sha256 == action.content_sha256:
         return action
-    olds = [g for g in action.old_generations if g.content_sha256 != doc.content_sha256]
+    planned = [Generation(action.uri, action.doc_id, action.content_sha256, action.n_chunks)] if action.n_chunks else []
+    olds = [g for g in action.old_generations + planned if g.content_sha256 != doc.content_sha256]
     return msgspec.structs.replace(action, content_sha256=doc.content_sha256, old_generations=olds, reuse=[])
 
 

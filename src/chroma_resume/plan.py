@@ -15,15 +15,8 @@ import msgspec
 
 from . import failpoints
 from .corpus import Document, Listing
-from .state import DocEntry, meta_sha256
+from .state import DocEntry, Generation, meta_sha256
 from .wal import Replay, generation_key
-
-
-class Generation(msgspec.Struct, frozen=True):
-    uri: str
-    doc_id: str
-    content_sha256: str
-    n_chunks: int
 
 
 class DocAction(msgspec.Struct, kw_only=True):
@@ -34,7 +27,7 @@ class DocAction(msgspec.Struct, kw_only=True):
     action: Literal["embed", "resumed", "unchanged"]
     kind: Literal["added", "changed", "refresh", "meta", "restore", "unchanged", "kept"]
     old_content_sha256: str | None = None  # the manifest's generation, for DOC_BEGIN
-    n_chunks: int = 0  # known for resumed/unchanged documents
+    n_chunks: int = 0  # resumed/unchanged: its chunks; embed: chunks the planned generation may already hold
     old_generations: list[Generation] = []
     reuse: list[Generation] = []  # same text under another doc_id: its vectors can be re-keyed
     entry: DocEntry | None = None  # for a document the scan could not read: what it keeps
@@ -42,7 +35,8 @@ class DocAction(msgspec.Struct, kw_only=True):
 
 class Plan(msgspec.Struct, kw_only=True):
     docs: list[DocAction]
-    stale: list[Generation]  # generations of removed documents
+    stale: list[Generation]  # generations of removed documents, and leftovers of --sync-mode none
+    leftovers: list[Generation] = []  # --sync-mode none: what a deleting mode would delete, kept for later
     added: int = 0
     changed: int = 0
     deleted: int = 0
@@ -70,7 +64,10 @@ class _Known(msgspec.Struct):
 
 
 def make_plan(corpus: list[Document], manifest: dict[str, DocEntry], replay: Replay | None,
-              sync_mode: str, listing: Listing | None = None) -> Plan:
+              sync_mode: str, listing: Listing | None = None, *, trust_commits: bool = True,
+              leftovers: list[Generation] = ()) -> Plan:
+    """`replay`: the WAL's facts about this collection. `trust_commits` False (--resume off) still
+    believes its deletions and doubts, but re-checks what it says is committed."""
     deletes = sync_mode != "none"
     listing = listing or Listing()
     docs: list[DocAction] = []
@@ -80,17 +77,17 @@ def make_plan(corpus: list[Document], manifest: dict[str, DocEntry], replay: Rep
         known = manifest.get(doc.uri)
         kind = "added" if known is None else ("unchanged" if _same(known, doc) else "changed")
         counts[kind] += 1
-        live = _known(doc.uri, known, replay)
+        live = _known(doc.uri, known, replay, trust_commits)
         for key in current_keys & set(live) - {generation_key(doc.doc_id, doc.content_sha256)}:
             del live[key]  # another document's current generation now (a doc_id moved to another uri)
-        docs.append(_document(doc, known, live, sync_mode, deletes))
+        docs.append(_document(doc, known, live, sync_mode))
     seen = {d.uri for d in corpus}
     stale: list[Generation] = []
     gone = sorted((set(manifest) | set(replay.generations if replay else ())) - seen)
     for uri in gone:
-        live = _known(uri, manifest.get(uri), replay)
+        live = _known(uri, manifest.get(uri), replay, trust_commits)
         if listing.unread(uri):
-            kept = _kept(uri, manifest.get(uri), live, deletes)
+            kept = _kept(uri, manifest.get(uri), live)
             if kept is not None:
                 docs.append(kept)
                 counts["kept"] += 1
@@ -99,22 +96,27 @@ def make_plan(corpus: list[Document], manifest: dict[str, DocEntry], replay: Rep
         stale.extend(k.gen for k in live.values() if generation_key(k.gen.doc_id, k.gen.content_sha256)
                      not in current_keys)
     deleted = sum(1 for uri in gone if uri in manifest and not listing.unread(uri))
-    return Plan(docs=docs, stale=stale if deletes else [], deleted=deleted, **counts)
+    old = [g for g in leftovers if generation_key(g.doc_id, g.content_sha256) not in current_keys]
+    if deletes:
+        return Plan(docs=docs, stale=stale + old, deleted=deleted, **counts)
+    kept = old + stale + [g for d in docs for g in d.old_generations]
+    for d in docs:
+        d.old_generations = []
+    return Plan(docs=docs, stale=[], leftovers=list(dict.fromkeys(kept)), deleted=deleted, **counts)
 
 
 def _same(known: DocEntry, doc: Document) -> bool:
     return known.content_sha256 == doc.content_sha256 and known.doc_id == doc.doc_id
 
 
-def _document(doc: Document, known: DocEntry | None, live: dict[str, _Known], sync_mode: str,
-              deletes: bool) -> DocAction:
+def _document(doc: Document, known: DocEntry | None, live: dict[str, _Known], sync_mode: str) -> DocAction:
     key = generation_key(doc.doc_id, doc.content_sha256)
     meta = meta_sha256(doc.metadata, doc.source_type)
     current = live.get(key)
     olds = [k.gen for other, k in live.items() if other != key]
     base = dict(uri=doc.uri, doc_id=doc.doc_id, content_sha256=doc.content_sha256, meta_sha256=meta,
                 old_content_sha256=known.content_sha256 if known and known.content_sha256 != doc.content_sha256 else None,
-                old_generations=olds if deletes else [])
+                old_generations=olds)
     in_place = current is not None and current.state != "partial" and current.meta_sha256 == meta
     if in_place and current.state == "committed":
         return DocAction(**base, action="resumed", kind="changed" if known is None or not _same(known, doc) else "unchanged",
@@ -133,10 +135,10 @@ def _document(doc: Document, known: DocEntry | None, live: dict[str, _Known], sy
         kind = "refresh"
     reuse = [k.gen for other, k in live.items()
              if other != key and k.gen.content_sha256 == doc.content_sha256 and k.state != "partial"]
-    return DocAction(**base, action="embed", kind=kind, reuse=reuse)
+    return DocAction(**base, action="embed", kind=kind, reuse=reuse, n_chunks=current.gen.n_chunks if current else 0)
 
 
-def _kept(uri: str, known: DocEntry | None, live: dict[str, _Known], deletes: bool) -> DocAction | None:
+def _kept(uri: str, known: DocEntry | None, live: dict[str, _Known]) -> DocAction | None:
     """Skipped is not deleted: an unreadable document keeps a complete generation. Which one is
     the build's to find out from Chroma; the plan only says which it prefers (the WAL's
     committed one is newer than the manifest's) and which others there may be."""
@@ -148,10 +150,10 @@ def _kept(uri: str, known: DocEntry | None, live: dict[str, _Known], deletes: bo
         else None
     return DocAction(uri=uri, doc_id=g.doc_id, content_sha256=g.content_sha256, meta_sha256=ranked[0].meta_sha256,
                      action="unchanged", kind="kept", n_chunks=g.n_chunks,
-                     old_generations=[k.gen for k in ranked[1:]] if deletes else [], entry=entry)
+                     old_generations=[k.gen for k in ranked[1:]], entry=entry)
 
 
-def _known(uri: str, known: DocEntry | None, replay: Replay | None) -> dict[str, _Known]:
+def _known(uri: str, known: DocEntry | None, replay: Replay | None, trust_commits: bool) -> dict[str, _Known]:
     """Generations of `uri` that may still hold chunks in Chroma, by generation key."""
     found: dict[str, _Known] = {}
     if known is not None:
@@ -166,7 +168,7 @@ def _known(uri: str, known: DocEntry | None, replay: Replay | None) -> dict[str,
             found.pop(key, None)
             continue
         gen = Generation(uri, g.doc_id, g.content_sha256, max(g.n_chunks, found[key].gen.n_chunks if key in found else 0))
-        if g.committed:
+        if g.committed and trust_commits:
             found[key] = _Known(gen, "committed", g.meta_sha256)
         else:
             found[key] = _Known(gen, "partial")
@@ -191,10 +193,6 @@ def resume_decision(replay: Replay | None, *, mode: str, schema_hash: str, colle
         return ResumeDecision(False, "no_wal")
     if replay.finished_ok and manifest_run_id == replay.start.run_id:
         return ResumeDecision(False, "wal_finished_ok")
-    if mode == "off":
-        return ResumeDecision(False, "resume_off")
-    if not wal_enabled:
-        return ResumeDecision(False, "wal_off")
     start = replay.start
     for field, ours, theirs in (("schema_hash", schema_hash, start.schema_hash),
                                 ("collection", collection, start.collection), ("db", db, start.db)):
@@ -202,4 +200,12 @@ def resume_decision(replay: Replay | None, *, mode: str, schema_hash: str, colle
             return ResumeDecision(False, f"{field}_mismatch(wal={theirs},now={ours})")
     if incarnation is not None and start.incarnation != incarnation:
         return ResumeDecision(False, f"collection_recreated(wal={start.incarnation or '?'},now={incarnation})")
+    # From here the WAL describes this very collection: its facts hold even when its work is redone.
+    if mode == "off":
+        return ResumeDecision(False, FACTS_ONLY[0])
+    if not wal_enabled:
+        return ResumeDecision(False, FACTS_ONLY[1])
     return ResumeDecision(True, "wal_resumable")
+
+
+FACTS_ONLY = ("resume_off", "wal_off")  # decisions that still read the WAL's facts, trusting no commit

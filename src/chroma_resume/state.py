@@ -35,6 +35,14 @@ class DocEntry(msgspec.Struct, kw_only=True):
     metadata: dict = {}  # the document's own metadata (units files), stored on every chunk
 
 
+class Generation(msgspec.Struct, frozen=True):
+    """One content version of a document, as its chunk ids name it."""
+    uri: str
+    doc_id: str
+    content_sha256: str
+    n_chunks: int
+
+
 class Manifest(msgspec.Struct, kw_only=True):
     version: int = MANIFEST_VERSION
     schema_hash: str
@@ -44,6 +52,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     incarnation: str = ""  # the collection this manifest describes (its INCARNATION_KEY metadata)
     config: dict = {}
     documents: dict[str, DocEntry] = {}
+    leftovers: list[Generation] = []  # old generations --sync-mode none left in Chroma, for a later sync
     last_build: dict = {}
 
     @property

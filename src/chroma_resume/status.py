@@ -55,10 +55,11 @@ def status(c: Config) -> dict:
                                    wal_enabled=c.wal)
         report["resume_active"], report["resume_reason"] = decision.active, decision.reason
     damaged = store.damaged_files(c)
-    report["store_ok"] = not damaged
-    if damaged:  # what a power cut leaves: Chroma's segment files emptied
+    report["store_files_ok"] = not damaged
+    if damaged:  # what a power cut leaves: Chroma's segment files emptied (a small index may rebuild them itself)
         report["store_damaged_files"] = damaged[:3]
-        report["store_fix"] = "doit build (or chroma-resume repair): sets the folder aside, rebuilds from the cache"
+        report["store_fix"] = ("doit verify tells whether Chroma can still read them; doit build (or chroma-resume "
+                               "repair) sets an unreadable folder aside and rebuilds it from the cache")
     report["samples"] = _samples(replay, manifest)
     return report
 
@@ -109,7 +110,9 @@ def up_to_date(c: Config) -> tuple[bool, str]:
     if not c.chroma_host and not os.path.exists(os.path.join(cfg.path(c, c.db), "chroma.sqlite3")):
         return False, "the Chroma folder is missing"
     if store.damaged_files(c):
-        return False, "the Chroma folder is damaged"
+        return False, "the Chroma folder may be damaged"
+    if manifest.leftovers and c.sync_mode != "none":
+        return False, "old generations left by --sync-mode none are to be deleted"
     with open(os.devnull, "w") as quiet:
         current = {d.uri: (d.doc_id, d.content_sha256, state.meta_sha256(d.metadata, d.source_type))
                    for d in corpus.scan(c, Warnings(stream=quiet))}

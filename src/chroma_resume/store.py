@@ -175,7 +175,7 @@ def set_aside(c: Config) -> str:
     from chromadb.api.client import SharedSystemClient
 
     root = cfg.path(c, c.db)
-    aside = f"{root}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside = f"{root}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     try:
         os.replace(root, aside)
     except OSError as exc:

@@ -44,6 +44,9 @@ RESUME = f"resume it: {_build()}; or discard it: doit clean-wal --force (or chro
 RECONCILE = _build("--strict-sync", "true")  # compares id sets: deletes orphans, restores missing chunks
 BUILD = _build()  # writes what is missing or stale: manifest, collection, fingerprint, a changed corpus
 REWRITE = _build("--sync-mode", "delete-stale")  # re-writes every chunk, vectors from the cache
+# The model itself disagrees with the stored vectors (its weights changed in place, same file sizes):
+# the cache holds the old model's vectors too, so they are computed again.
+REEMBED = _build("--sync-mode", "delete-stale", "--embed-cache", "off")
 
 
 def _rank(fix: str) -> int:
@@ -328,7 +331,7 @@ def _deep_checks(c: Config, db: store.Store, sample: list[str], deep: Deep, rewr
     progress.close()
     drawn = f"{len(sample)} sampled (seed {deep.seed})" if deep.size else f"all {len(sample)} chunks"
     return [_check("embedding", not far, f"{drawn}: {len(far)} re-embed below cosine {deep.tolerance} {far[:SHOW]}",
-                   rewrite),
+                   REEMBED),
             _check("findable", not lost, f"{drawn}: {len(lost)} not found by their own vector {lost[:SHOW]}", rewrite)]
 
 
