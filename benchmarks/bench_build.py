@@ -1,422 +1,602 @@
-"""Benchmark chroma-resume: build overhead, no-op runs, memory, upsert splitting.
+"""Benchmark chroma-resume against FlagEmbedding itself: whole processes, one run.
 
 Run from the repository root with the project's venv:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_build.py [--quick] [--report FILE.json]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_build.py [--quick] [--json FILE.json]
 
-Everything is measured in one run and printed as ratios next to the raw seconds,
-so the ratios compare numbers taken on the same machine minutes apart. There are
-no timing assertions: the targets are printed for the reader to judge.
+Every figure is the wall time of a fresh process (interpreter start, imports and model
+load included), so the build is compared with what a user would otherwise run: a script
+that loads `FlagModel` and calls `encode` on the same chunk texts (DESIGN §12). Helpers
+that must not share this process's imports run as `bench_build.py worker NAME JSON`.
+This module imports only the standard library at the top, so this process stays small
+(Linux carries a parent's peak RSS into its children's ru_maxrss) and the floor process
+pays only for FlagEmbedding. No timing assertions: targets are printed for the reader.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
 import random
+import re
+import resource
+import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import msgspec
-
-from chroma_resume import build as build_mod
-from chroma_resume import config as cfg
-from chroma_resume import corpus, embedding, state, store
-from chroma_resume.chunking import chunk_text
-from chroma_resume.config import make_config
-
-WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud harbor "
-         "lantern meadow orbit signal vector index chunk model query shard batch commit resume write "
-         "ahead log manifest schema token window overlap boundary").split()
-SIZES = ((0.45, 300, 1100), (0.4, 1500, 3500), (0.15, 4000, 7000))  # (share, min chars, max chars)
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+HEAVY_MODULES = ("torch", "FlagEmbedding", "transformers")
+CPU_BATCH, CUDA_BATCH = 32, 256  # texts per forward pass, both sides (the build's defaults)
+
+# ---- corpus: text whose characters per token vary like real documents -----------------
+
+EN = ("the of and to in is that for it as with was on be by this are from or have an they which one you "
+      "all were her she there would their we him been has when who will more no if out so said what up its "
+      "about into than them can only other new some could time these two may then do first any my now such "
+      "like our over man me even most made after also did many before must through back years where much "
+      "your way well down should because each just those people how too little state good very make world "
+      "still own see men work long get here between both life being under never day same another know while "
+      "last might us great old year off come since against go came right used take three index vector build "
+      "chunk query model embedding document cache resume crash commit batch upsert manifest schema server "
+      "token window overlap boundary throughput latency memory process storage recovery").split()
+ZH = ("数据 模型 向量 索引 文档 查询 系统 用户 性能 存储 计算 结果 方法 问题 时间 服务 网络 缓存 构建 恢复 写入 日志 "
+      "检索 语义 分块 嵌入 批量 进程 内存 磁盘 我们 可以 需要 通过 如果 因为 所以 但是 以及 其中 每个 一个 这个 "
+      "使用 支持 保证 提高 减少 重新 完成 已经 没有 不会 中断 之后 之前 同时 对于 根据 相同 不同 文本 长度 字符").split()
+IDENTS = ("value items index count result config path batch chunk vector store cache model text total offset "
+          "limit size name key doc ids rows state log writer reader buffer").split()
 
 
-# ---- corpora -------------------------------------------------------------------------
+def _sentence(rng: random.Random, lo: int = 6, hi: int = 22) -> str:
+    return " ".join(rng.choice(EN) for _ in range(rng.randint(lo, hi))).capitalize() + rng.choice("...?;")
 
 
-@contextlib.contextmanager
-def spying(owner, name: str, wrap):
-    """Replace owner.name by wrap(original) for the block: the build's own calls get measured."""
-    original = getattr(owner, name)
-    setattr(owner, name, wrap(original))
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-def _paragraphs(rng: random.Random, chars: int, para_chars: tuple[int, int] = (200, 700)) -> str:
-    """Sentences in paragraphs, so the chunker finds natural boundaries as in real text."""
-    paras, total = [], 0
-    while total < chars:
-        words, size = [], rng.randint(*para_chars)
-        while sum(len(w) + 1 for w in words) < size:
-            words.append(rng.choice(WORDS) + ("." if rng.random() < 0.1 else ""))
-        paras.append(" ".join(words).capitalize() + ".")
-        total += len(paras[-1]) + 2
-    return "\n\n".join(paras) + "\n"
+def prose(rng: random.Random) -> str:
+    return " ".join(_sentence(rng) for _ in range(rng.randint(3, 8)))
 
 
-def write_corpus(folder: Path, n: int, sizes=SIZES, seed: int = 7, para_chars=(200, 700)) -> Path:
-    """n markdown files with sizes drawn from `sizes` (a fixed seed: same corpus every run)."""
+def cjk(rng: random.Random) -> str:
+    return "".join("".join(rng.choice(ZH) for _ in range(rng.randint(5, 14))) + rng.choice("。，。！；")
+                   for _ in range(rng.randint(4, 12)))
+
+
+def code(rng: random.Random) -> str:
+    name, args = "_".join(rng.sample(IDENTS, 2)), ", ".join(rng.sample(IDENTS, rng.randint(1, 3)))
+    body = [f"def {name}({args}):", f'    """{_sentence(rng, 4, 10)}"""', f"    {rng.choice(IDENTS)} = []"]
+    for _ in range(rng.randint(3, 12)):
+        a, b, c = rng.sample(IDENTS, 3)
+        body.append(rng.choice((f"    for {a} in {b}[{rng.randint(0, 9)}:]:\n"
+                                f"        {c}.append({a} * {rng.randint(2, 64)})",
+                                f"    if {a} > {rng.randint(1, 999)} and not {b}:\n"
+                                f"        return {c}.get({a!r}, None)",
+                                f"    {a} = {{'{b}': {rng.random():.4f}, '{c}': len({b})}}")))
+    body.append(f"    return {rng.choice(IDENTS)}")
+    return "```python\n" + "\n".join(body) + "\n```"
+
+
+def table(rng: random.Random) -> str:
+    cols = rng.sample(IDENTS, rng.randint(3, 6))
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _ in range(rng.randint(4, 14)):
+        rows.append("| " + " | ".join(rng.choice((f"{rng.randint(0, 99999)}", f"{rng.random() * 100:.2f}%",
+                                                  f"v{rng.randint(0, 9)}.{rng.randint(0, 20)}.{rng.randint(0, 9)}",
+                                                  rng.choice(EN), rng.choice(ZH))) for _ in cols) + " |")
+    return "\n".join(rows)
+
+
+def mixed(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randint(3, 7)):
+        parts.append(rng.choice((_sentence(rng), f"`{rng.choice(IDENTS)}={rng.randint(1, 512)}`",
+                                 "".join(rng.sample(ZH, 3)) + "。", f"({rng.choice(ZH)}: {rng.choice(EN)})")))
+    return " ".join(parts)
+
+
+BLOCKS = {"prose": prose, "cjk": cjk, "code": code, "table": table, "mixed": mixed}
+# document kind: (share of documents, weights of its blocks in BLOCKS order)
+KINDS = {"prose": (0.35, (8, 0, 0, 1, 1)), "cjk": (0.2, (1, 8, 0, 1, 1)), "code": (0.2, (3, 0, 5, 1, 1)),
+         "table": (0.1, (2, 1, 0, 6, 1)), "mixed": (0.15, (2, 2, 2, 1, 3))}
+SIZES = ((0.3, 800, 3000), (0.5, 5000, 15000), (0.2, 20000, 40000))  # (share, min chars, max chars)
+
+
+def _pick(rng: random.Random, shares):
+    x = rng.random()
+    for share, *rest in shares:
+        x -= share
+        if x <= 0:
+            return rest
+    return rest
+
+
+def document(rng: random.Random, kind: str, chars: int) -> str:
+    """A markdown document of `kind`: headings over paragraphs of mixed block kinds."""
+    weights = KINDS[kind][1]
+    out, size = [f"# {_sentence(rng, 2, 6)[:-1]}"], 0
+    while size < chars:
+        if rng.random() < 0.12:
+            out.append(f"## {_sentence(rng, 2, 5)[:-1]}")
+        out.append(rng.choices(list(BLOCKS.values()), weights)[0](rng))
+        size += len(out[-1]) + 2
+    return "\n\n".join(out) + "\n"
+
+
+def write_corpus(folder: Path, n: int, seed: int = 7, sizes=SIZES) -> list[Path]:
+    """n documents of the KINDS mix and SIZES mix (fixed seed: the same corpus every run)."""
     rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
+    files = []
     for i in range(n):
-        pick, acc = rng.random(), 0.0
-        for share, lo, hi in sizes:
-            acc += share
-            if pick <= acc:
-                break
-        (folder / f"d{i // 100:03d}" / f"doc{i:05d}.md").parent.mkdir(exist_ok=True)
-        (folder / f"d{i // 100:03d}" / f"doc{i:05d}.md").write_text(
-            _paragraphs(rng, rng.randint(lo, hi), para_chars), encoding="utf-8")
-    return folder
+        kind = _pick(rng, [(share, name) for name, (share, _) in KINDS.items()])[0]
+        lo, hi = _pick(rng, sizes)
+        path = folder / f"d{i // 500:03d}" / f"{kind}-{i:05d}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(document(rng, kind, rng.randint(lo, hi)), encoding="utf-8")
+        files.append(path)
+    return files
 
 
-def config_for(root: Path, name: str, **options):
-    """A config whose corpus, db and state all live under root/name (nothing shared)."""
-    options = {"docs": "corpus", **options}
-    return make_config(root=str(root / name), db="db", state_root="state", collection="bench",
-                       progress="off", **options)
+def edit_corpus(files: list[Path], share: float, seed: int = 3) -> dict:
+    """Edit `share` of the documents (one word inserted mid-text) and append a paragraph to the
+    longest one: what an incremental build must re-embed is only the chunks whose text changed."""
+    rng = random.Random(seed)
+    longest = max(files, key=lambda f: f.stat().st_size)
+    edited = rng.sample([f for f in files if f != longest], max(1, round(len(files) * share)))
+    for f in edited:
+        text = f.read_text(encoding="utf-8")
+        cut = max(text.find(" ", len(text) // 2), len(text) // 2)
+        f.write_text(text[:cut] + " edited" + text[cut:], encoding="utf-8")
+    with longest.open("a", encoding="utf-8") as fh:
+        fh.write("\n" + prose(rng) + "\n")
+    return {"edited": len(edited), "appended": 1, "files": [*edited, longest]}
 
 
-def quiet_build(c):
-    return build_mod.build(c, out=io.StringIO(), err=io.StringIO())
+# ---- whole processes -------------------------------------------------------------------
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as fh:
+        return float(fh.read().split()[0])
 
 
-def _ignore(*_args, **_kw) -> None:
-    return None
+class Runner:
+    """Starts fresh processes and records, per process: wall seconds from spawn to exit, CPU
+    seconds and peak RSS from its own wait4 rusage, and the 1-minute load average around it."""
+
+    def __init__(self, root: Path, build_options: tuple[str, ...] = ()):
+        self.root, self.logs, self.build_options = root, root / "logs", build_options
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, argv: list[str], env: dict | None = None) -> dict:
+        out, err = self.logs / f"{name}.out", self.logs / f"{name}.err"
+        before = loadavg()
+        t0 = time.perf_counter()
+        with out.open("w") as fo, err.open("w") as fe:
+            proc = subprocess.Popen(argv, cwd=self.root, env=env or ENV, stdout=fo, stderr=fe)
+            _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        print(f"[bench] {name}: {wall:.1f} s, rc {proc.returncode}", file=sys.stderr, flush=True)
+        return {"name": name, "rc": proc.returncode, "wall_sec": wall, "cpu_sec": usage.ru_utime + usage.ru_stime,
+                "peak_rss_mb": usage.ru_maxrss / 1024, "load_before": before, "load_after": loadavg(),
+                "stdout": out.read_text(), "stderr_file": str(err)}
+
+    def worker(self, name: str, args: dict, label: str | None = None) -> dict:
+        """A helper of this file in a fresh process; its JSON answer lands in result['answer']."""
+        r = self.run(label or name, [sys.executable, str(HERE), "worker", name, json.dumps(args)])
+        if r["rc"] != 0:
+            raise RuntimeError(f"worker {name} failed (rc {r['rc']}):\n{_tail(r['stderr_file'])}")
+        r["answer"] = json.loads(r["stdout"].rsplit("@@", 1)[1])
+        return r
+
+    def build(self, name: str, dirs: str, *options: str, env: dict | None = None, docs: str = "corpus",
+              expect_rc: int = 0, python: tuple[str, ...] = ()) -> dict:
+        """`python -m chroma_resume build` into root/dirs/{db,state}; the summary lines parsed."""
+        argv = [sys.executable, *python, "-m", "chroma_resume", "build", "--root", str(self.root), "--docs", docs,
+                "--db", f"{dirs}/db", "--state-root", f"{dirs}/state", "--collection", "bench", "--progress", "off",
+                *self.build_options, *options]
+        r = self.run(name, argv, env)
+        if r["rc"] != expect_rc:
+            raise RuntimeError(f"{name}: exit {r['rc']} (expected {expect_rc}):\n{_tail(r['stderr_file'])}")
+        r["summary"] = {k: _number(v) for k, v in re.findall(r"^(\w+)=(\S*)$", r["stdout"], re.M)}
+        stage = next((line for line in r["stdout"].splitlines() if line.startswith("[STAGE]")), "")
+        r["stage"] = {k: _number(v) for k, v in re.findall(r"(\w+)=(\S+)", stage)}
+        return r
 
 
-# ---- 1. build overhead -------------------------------------------------------------
+def _tail(path: str, lines: int = 15) -> str:
+    """The end of a failed process's stderr: the work folder is removed unless --keep."""
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
-class _Clock:
-    """Wall (perf_counter) and CPU (process_time: all threads of this process) seconds."""
 
-    def __init__(self):
-        self.wall = self.cpu = 0.0
-
-    def time(self, call, *args):
-        t, cpu = time.perf_counter(), time.process_time()
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
         try:
-            return call(*args)
-        finally:
-            self.wall += time.perf_counter() - t
-            self.cpu += time.process_time() - cpu
+            return float(text)
+        except ValueError:
+            return text
 
 
-def bench_overhead(root: Path, docs: int, embed_batch: int, upsert_batch: int, rounds: int) -> dict:
-    """The same model, chunks, batch sizes and commit groups with and without the build around them.
+def heavy_imports(runner: Runner, name: str, dirs: str, docs: str) -> list[str]:
+    """Which of HEAVY_MODULES a (no-op) build imported, from `python -X importtime`."""
+    r = runner.build(name, dirs, docs=docs, python=("-X", "importtime"))
+    seen = set(re.findall(r"^import time:.*\|\s*(\w+)", Path(r["stderr_file"]).read_text(), re.M))
+    return [m for m in HEAVY_MODULES if m in seen]
 
-    Model load is excluded on both sides: standalone, the model is loaded (and warmed up) before
-    the timer; in the build, embedding.load is wrapped so its duration in that run is subtracted.
-    Embed-only passes and cold builds (each into a fresh db and state folder) alternate `rounds`
-    times, with one more embed-only pass at the end; the fastest of each is compared, being the
-    least disturbed by other load on the machine. Two contention-proof checks come with it: CPU
-    time, and the build's time over the time its own embedder spent in encode (same pass).
-    """
-    corpus_dir = write_corpus(root / "overhead-corpus", docs)
-    c = make_config(root=str(root), docs=str(corpus_dir), embed_batch=embed_batch, upsert_batch=upsert_batch)
-    chunks = [t for d in corpus.scan(c, _ignore)
-              for t in chunk_text(d.text, c.chunk_chars, c.overlap_chars, c.min_chunk_chars)]
-    groups = [chunks[i:i + c.upsert_batch] for i in range(0, len(chunks), c.upsert_batch)]
 
+# ---- workers: run in their own process (`bench_build.py worker NAME JSON`) ----------------
+
+def worker_probe(a: dict) -> dict:
+    """The machine as torch sees it (whether the GPU rows can run), and which chroma_resume is measured."""
+    import torch
+
+    import chroma_resume
+    cuda = torch.cuda.is_available()
+    return {"chroma_resume": os.path.dirname(chroma_resume.__file__), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cuda": cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None}
+
+
+def worker_floor(a: dict) -> dict:
+    """The floor (DESIGN §12): the library's own call on the same texts, batch size and max_length."""
     t0 = time.perf_counter()
-    model = embedding.load(c)
-    load_standalone = time.perf_counter() - t0
-    model.encode(groups[0][:c.embed_batch])  # warm-up: torch's first passes are slower in any process
-
-    def embed_only() -> _Clock:
-        clock = _Clock()
-        for group in groups:
-            clock.time(model.encode, group)
-        return clock
-
-    def build_once(i: int) -> dict:
-        load, encode, total = _Clock(), _Clock(), _Clock()
-
-        def timed_load(real_load):
-            def wrapped(cfg):
-                embedder = load.time(real_load, cfg)
-                real_encode = embedder.encode
-                embedder.encode = lambda texts: encode.time(real_encode, texts)
-                return embedder
-            return wrapped
-
-        with spying(embedding, "load", timed_load):
-            summary = total.time(quiet_build, config_for(root, f"overhead-{i}", docs=str(corpus_dir),
-                                                         embed_batch=embed_batch, upsert_batch=upsert_batch))
-        assert summary.chunks_embedded == len(chunks), (summary.chunks_embedded, len(chunks))
-        return {"wall": total.wall - load.wall, "cpu": total.cpu - load.cpu, "load": load.wall,
-                "encode_wall": encode.wall}
-
-    embeds, builds = [], []
-    for i in range(rounds):
-        embeds.append(embed_only())
-        builds.append(build_once(i))
-    embeds.append(embed_only())
-    best = min(builds, key=lambda b: b["wall"])
-    embed_wall, embed_cpu = min(e.wall for e in embeds), min(e.cpu for e in embeds)
-    build_cpu = min(b["cpu"] for b in builds)
-    return {"docs": docs, "chunks": len(chunks), "groups": len(groups), "embed_batch": c.embed_batch,
-            "upsert_batch": c.upsert_batch, "rounds": rounds,
-            "embed_only_passes_sec": [e.wall for e in embeds],
-            "build_minus_load_passes_sec": [b["wall"] for b in builds],
-            "embed_only_sec": embed_wall, "build_minus_load_sec": best["wall"],
-            "build_model_load_sec": best["load"], "standalone_model_load_sec": load_standalone,
-            "ratio_build_vs_embed": best["wall"] / embed_wall,
-            "embed_only_cpu_sec": embed_cpu, "build_minus_load_cpu_sec": build_cpu,
-            "ratio_build_vs_embed_cpu": build_cpu / embed_cpu,
-            "build_encode_sec": best["encode_wall"], "ratio_build_vs_own_encode": best["wall"] / best["encode_wall"]}
+    from FlagEmbedding import FlagModel
+    t1 = time.perf_counter()
+    model = FlagModel(a["model"], pooling_method=a["pooling"], normalize_embeddings=True, use_fp16=a["fp16"],
+                      devices=a["device"], batch_size=a["batch"], passage_max_length=a["max_length"])
+    t2 = time.perf_counter()
+    texts = json.loads(Path(a["texts"]).read_text(encoding="utf-8"))
+    vectors = model.encode(texts)
+    t3 = time.perf_counter()
+    return {"import_sec": t1 - t0, "load_sec": t2 - t1, "encode_sec": t3 - t2, "shape": list(vectors.shape)}
 
 
-# ---- 2. no-op run --------------------------------------------------------------------
+def worker_cache(a: dict) -> dict:
+    """Fill the cache of a state root with `entries` random vectors under the real model's
+    fingerprint (the texts given first), then time get_many in the build's group size."""
+    import numpy as np
 
-NOOP_PROBE = """
-import json, sys
-from chroma_resume.cli import main
-rc = main(sys.argv[1:])
-print("@@" + json.dumps({"rc": rc, "torch": "torch" in sys.modules, "FlagEmbedding": "FlagEmbedding" in sys.modules}))
-"""
+    from chroma_resume import cache, embedding
+    from chroma_resume.config import make_config
 
-
-def _cli_args(c) -> list[str]:
-    return ["build", "--root", c.root, "--docs", c.docs, "--db", c.db, "--state-root", c.state_root,
-            "--collection", c.collection, "--embed-model", c.embed_model, "--progress", "off"]
-
-
-def bench_noop(root: Path, docs: int) -> dict:
-    """A rerun over an unchanged corpus must hash files and stop: no model, no embedding.
-
-    Timed end to end as a user sees it (`python -m chroma_resume build`, interpreter start
-    included) and in-process; a probe subprocess reports whether torch/FlagEmbedding got imported.
-    """
-    c = config_for(root, "noop", embed_model="hash:64")
-    write_corpus(Path(c.root) / "corpus", docs, sizes=((1.0, 200, 900),))
+    c = make_config(root=a["root"], state_root=a["state_root"])
+    texts = json.loads(Path(a["texts"]).read_text(encoding="utf-8"))
+    texts += [f"filler {i}: {texts[i % len(texts)]}" for i in range(a["entries"] - len(texts))]
+    db = cache.open_cache(c, embedding.model_fingerprint(c), lambda *args, **kw: print(args, kw, file=sys.stderr))
+    rng, step = np.random.default_rng(0), c.upsert_batch
     t0 = time.perf_counter()
-    first = quiet_build(c)
-    first_sec = time.perf_counter() - t0
+    for lo in range(0, len(texts), step):
+        v = rng.standard_normal((len(texts[lo:lo + step]), a["dim"]), dtype=np.float32)
+        db.put_many(texts[lo:lo + step], v / np.linalg.norm(v, axis=1, keepdims=True))
+    t1 = time.perf_counter()
+    hits = sum(len(db.get_many(texts[lo:lo + step])) for lo in range(0, len(texts), step))
+    t2 = time.perf_counter()
+    db.close()
+    return {"entries": len(texts), "group": step, "fill_sec": t1 - t0, "get_sec": t2 - t1, "hits": hits,
+            "lookups_per_sec": len(texts) / (t2 - t1)}
 
-    # cwd = the bench folder, so the repository's [tool.chroma-resume] table is not picked up
+
+def worker_store(a: dict) -> dict:
+    """A collection of `n` random vectors inserted straight into Chroma; then the final reconcile's
+    id scan (Store.all_ids) and the durable finish (store's own function if it has one, else an
+    fsync of every file and folder of the PersistentClient folder)."""
+    import numpy as np
+
+    from chroma_resume import store
+    from chroma_resume.config import make_config
+
+    c = make_config(root=a["root"], db=a["db"], collection="bench")
+    s = store.open_store(c, schema="bench")
+    rng, n = np.random.default_rng(0), a["n"]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "chroma_resume", *_cli_args(c)], cwd=c.root, env=ENV,
-                          capture_output=True, text=True)
-    cli_sec = time.perf_counter() - t0
-    assert proc.returncode == 0 and "[BUILD] up to date" in proc.stdout, proc.stdout + proc.stderr
-
-    t0 = time.perf_counter()
-    interp = subprocess.run([sys.executable, "-c", "pass"], env=ENV)
-    interp_sec = time.perf_counter() - t0
-    assert interp.returncode == 0
-
-    probe = subprocess.run([sys.executable, "-c", NOOP_PROBE, *_cli_args(c)], cwd=c.root, env=ENV,
-                           capture_output=True, text=True)
-    seen = json.loads(probe.stdout.rsplit("@@", 1)[1])
-    assert seen["rc"] == 0, probe.stderr
-
-    loads = []
-    with spying(embedding, "load", lambda real: lambda cfg: loads.append(cfg) or real(cfg)):
-        t0 = time.perf_counter()
-        again = quiet_build(c)
-        inproc_sec = time.perf_counter() - t0
-    assert not loads and again.chunks_embedded == 0, (len(loads), again.chunks_embedded)
-    return {"docs": docs, "first_build_sec": first_sec, "chunks": first.expected_chunks,
-            "cli_noop_sec": cli_sec, "python_startup_sec": interp_sec, "inprocess_noop_sec": inproc_sec,
-            "inprocess_embedder_loads": len(loads), "inprocess_chunks_embedded": again.chunks_embedded,
-            "cli_torch_imported": seen["torch"], "cli_flagembedding_imported": seen["FlagEmbedding"]}
+    for lo in range(0, n, s.max_batch):
+        hi = min(n, lo + s.max_batch)
+        s.collection.add(ids=[f"{i // 10:016x}:{i:012x}:{i % 10}" for i in range(lo, hi)],
+                         embeddings=rng.random((hi - lo, a["dim"]), dtype=np.float32))
+    t1 = time.perf_counter()
+    ids = s.all_ids()
+    t2 = time.perf_counter()
+    assert len(ids) == n, len(ids)
+    durable = getattr(store, "make_durable", None)
+    finish = (lambda: durable(c)) if durable else (lambda: fsync_tree(os.path.join(a["root"], a["db"])))
+    passes = []
+    for _ in range(2):  # first: what the inserts left dirty; second: the walk alone
+        t = time.perf_counter()
+        finish()
+        passes.append(time.perf_counter() - t)
+    files = [p for p in Path(a["root"], a["db"]).rglob("*") if p.is_file()]
+    return {"n": n, "insert_sec": t1 - t0, "all_ids_sec": t2 - t1, "durable_by": "store.make_durable" if durable
+            else "bench fsync of every file and folder", "durable_sec": passes[0], "durable_again_sec": passes[1],
+            "files": len(files), "mb": sum(p.stat().st_size for p in files) / 2**20}
 
 
-# ---- 3. memory -----------------------------------------------------------------------
-
-MEMORY_PROBE = """
-import io, json, resource, sys, tracemalloc
-from chroma_resume.build import build
-from chroma_resume.config import make_config
-c, trace = make_config(**json.loads(sys.argv[1])), sys.argv[2] == "trace"
-if trace:  # count the build's Python objects, not the modules it imports
-    import chromadb, chromadb.api.rust
-    tracemalloc.start()
-s = build(c, out=io.StringIO(), err=io.StringIO())
-try:  # this process's own peak; ru_maxrss can carry the parent's peak across fork+exec
-    hwm_kb = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
-except (OSError, IndexError):
-    hwm_kb = None
-print("@@" + json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "hwm_kb": hwm_kb,
-                         "py_peak": tracemalloc.get_traced_memory()[1] if trace else None,
-                         "chunks": s.chunks_upserted}))
-"""
+def fsync_tree(top: str) -> None:
+    """fsync every file, then every folder (deepest first), under top: what a durable finish costs."""
+    for folder, _dirs, names in os.walk(top, topdown=False):
+        for name in [*names, "."]:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
-def _probe(c, mode: str) -> dict:
-    options = {k: getattr(c, k) for k in ("root", "docs", "db", "state_root", "collection", "embed_model", "progress")}
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(options), mode], env=ENV,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.rsplit("@@", 1)[1])
+WORKERS = {"probe": worker_probe, "floor": worker_floor, "cache": worker_cache, "store": worker_store}
 
 
-def bench_memory(root: Path, small: int, large: int) -> dict:
-    """Peak memory of a fresh process building `small`, then `large` documents (same size mix).
+# ---- the measurements ------------------------------------------------------------------
 
-    The build streams documents and holds one upsert group of chunks, so its own memory should
-    grow with the manifest (per-document state), not with the corpus text. Two children per size:
-    one for peak RSS (the whole process, Chroma's native side included), one with tracemalloc for
-    the peak of Python allocations made during the build. Peak RSS is the child's VmHWM: Linux
-    carries ru_maxrss across fork+exec, so a child of a big parent would report the parent's peak
-    (this is also why this figure runs first); ru_maxrss is kept alongside for reference.
-    """
-    rows = []
-    for n in (small, large):
-        c = config_for(root, f"mem{n}", embed_model="hash:64")
-        write_corpus(Path(c.root) / "corpus", n)
-        rss = _probe(c, "rss")
-        py = _probe(msgspec.structs.replace(c, db="db-trace", state_root="state-trace"), "trace")
-        corpus_bytes = sum(p.stat().st_size for p in (Path(c.root) / "corpus").rglob("*.md"))
-        rows.append({"docs": n, "chunks": rss["chunks"], "peak_rss_mb": (rss["hwm_kb"] or rss["maxrss_kb"]) / 1024,
-                     "ru_maxrss_mb": rss["maxrss_kb"] / 1024, "py_peak_mb": py["py_peak"] / 2**20,
-                     "manifest_mb": os.path.getsize(os.path.join(cfg.state_dir(c), state.MANIFEST_NAME)) / 2**20,
-                     "corpus_mb": corpus_bytes / 2**20})
-    a, b = rows
-    growth = {k: b[k] - a[k] for k in ("peak_rss_mb", "py_peak_mb", "manifest_mb", "corpus_mb", "chunks")}
-    return {"runs": rows, "growth": growth,
-            "ratio_rss_vs_manifest_growth": growth["peak_rss_mb"] / growth["manifest_mb"],
-            "ratio_py_vs_manifest_growth": growth["py_peak_mb"] / growth["manifest_mb"],
-            "rss_growth_kb_per_chunk": growth["peak_rss_mb"] * 1024 / growth["chunks"]}
+def chunk_texts(c, only: set[str] | None = None) -> list[str]:
+    """Exactly the texts a cold build embeds: the project's own scan and chunker, the build's parameters."""
+    from chroma_resume import corpus
+    from chroma_resume.chunking import chunk_text
+
+    return [t for d in corpus.scan(c, lambda *a, **k: None, only=only)
+            for t in chunk_text(d.text, c.chunk_chars, c.overlap_chars, c.min_chunk_chars)]
 
 
-# ---- 4. upsert split -----------------------------------------------------------------
-
-def bench_split(root: Path, upsert_batch: int | None) -> dict:
-    """--upsert-batch above Chroma's limit must still work: Store.upsert cuts each group.
-
-    The corpus is made of long documents of ~190-character paragraphs chunked at 200 chars,
-    so it holds ~25% more chunks than the limit; Chroma's upsert calls are counted.
-    """
-    from chromadb.api.models.Collection import Collection
-
-    opts = dict(embed_model="hash:64", chunk_chars=200, overlap_chars=0, min_chunk_chars=50)
-    max_batch = store.open_store(config_for(root, "probe", **opts)).max_batch
-    batch = upsert_batch if upsert_batch and upsert_batch > max_batch else 2 * max_batch
-    c = config_for(root, "split", upsert_batch=batch, **opts)
-    n_docs = -(-max_batch * 5 // 4 // 100)  # ~100 chunks per document
-    write_corpus(Path(c.root) / "corpus", n_docs, sizes=((1.0, 19500, 19500),), para_chars=(150, 190))
-
-    calls: list[int] = []
-
-    def counted(real_upsert):
-        def wrapped(self, *args, **kw):
-            calls.append(len(kw["ids"]))
-            return real_upsert(self, *args, **kw)
-        return wrapped
-
-    with spying(Collection, "upsert", counted):
-        t0 = time.perf_counter()
-        s = quiet_build(c)
-        sec = time.perf_counter() - t0
-    count = store.open_store(c).count()
-    assert count == s.expected_chunks and max(calls) <= max_batch, (count, s.expected_chunks, calls)
-    return {"max_batch": max_batch, "upsert_batch": batch, "chunks": s.chunks_upserted, "collection_count": count,
-            "chroma_upsert_calls": len(calls), "largest_call": max(calls), "build_sec": sec, "ok": True}
+def cache_entries(state_root: Path) -> int:
+    """Rows in a state root's embedding cache (after a kill: what the killed run had paid for)."""
+    with sqlite3.connect(state_root / "embed-cache.sqlite3") as db:
+        return db.execute("SELECT count(*) FROM vectors").fetchone()[0]
 
 
-# ---- report --------------------------------------------------------------------------
+def measure(root: Path, a: argparse.Namespace) -> dict:
+    """Every scenario of the issue, each a fresh process; returns the raw records by label."""
+    from chroma_resume import config as cfg
+    from chroma_resume import embedding
 
-def table(r: dict) -> str:
-    o, n, m, s = r["overhead"], r["noop"], r["memory"], r["split"]
-    small, large = m["runs"]
+    batch = a.embed_batch or CPU_BATCH  # given to both sides: the build's default may change, and differs on CUDA
+    r, runs = Runner(root, ("--embed-batch", str(batch))), {}
+    runs["probe"] = r.worker("probe", {})
+    files = write_corpus(root / "corpus", a.docs)
+    c = cfg.make_config(root=str(root), docs="corpus")
+    texts = chunk_texts(c)
+    (root / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
+    model = embedding.model_location(c)
+    dim = json.loads((Path(model) / "config.json").read_text())["hidden_size"]
+    floor = {"model": model, "pooling": cfg.pooling(c), "batch": batch, "texts": str(root / "texts.json"),
+             "max_length": embedding.effective_max_length(c), "device": "cpu", "fp16": False}
+    runs["corpus"] = {"docs": len(files), "chunks": len(texts), "chars": sum(len(t) for t in texts),
+                      "max_length": floor["max_length"], "embed_batch": floor["batch"], "upsert_batch": c.upsert_batch}
+
+    for i in range(a.rounds):  # alternate, so that a burst of load on the machine hits one pass, not one side
+        runs[f"floor-{i}"] = r.worker("floor", floor, f"floor-{i}")
+        runs[f"cold-off-{i}"] = r.build(f"cold-off-{i}", f"runs/off-{i}", "--embed-cache", "off")
+        runs[f"cold-on-{i}"] = r.build(f"cold-on-{i}", f"runs/on-{i}")
+        for key in (f"cold-off-{i}", f"cold-on-{i}"):
+            assert runs[key]["summary"]["chunks_embedded"] == len(texts), (key, runs[key]["summary"])
+    built = f"runs/on-{a.rounds - 1}"
+
+    runs["noop"] = r.build("noop", built)
+    runs["noop"]["heavy_imports"] = heavy_imports(r, "noop-importtime", built, "corpus")
+
+    half = len(files) // 2
+    for mode, options in (("off", ("--embed-cache", "off")), ("on", ())):
+        kill = {**ENV, "CHROMA_RESUME_FAILPOINTS": f"wal.after_append:DOC_COMMITTED@{half}=kill"}
+        runs[f"kill-{mode}"] = r.build(f"kill-{mode}", f"runs/kill-{mode}", *options, env=kill, expect_rc=-9)
+        if mode == "on":
+            runs["kill-on"]["cache_entries"] = cache_entries(root / "runs/kill-on/state")
+        runs[f"kill-{mode}-rerun"] = r.build(f"kill-{mode}-rerun", f"runs/kill-{mode}", *options)
+
+    edit = edit_corpus(files, 0.01)
+    edited = {f.relative_to(root / "corpus").as_posix() for f in edit.pop("files")}
+    runs["edit"] = r.build("edit", built)
+    runs["edit"].update(edit, changed_chunks=len(set(chunk_texts(c)) - set(texts)),
+                        chunks_of_edited_docs=len(chunk_texts(c, only=edited)))
+    shutil.rmtree(root / built / "db")
+    runs["rebuild"] = r.build("rebuild", built)
+
+    small = write_corpus(root / "small", a.small_docs, seed=11, sizes=((1.0, 50, 200),))
+    small_texts = chunk_texts(cfg.make_config(root=str(root), docs="small"))
+    (root / "small-texts.json").write_text(json.dumps(small_texts), encoding="utf-8")
+    runs["cache"] = r.worker("cache", {"root": str(root), "state_root": "runs/small/state", "dim": dim,
+                                       "texts": str(root / "small-texts.json"), "entries": a.cache_entries})
+    runs["small-first"] = r.build("small-first", "runs/small", docs="small")  # every vector from the cache
+    runs["small-noop"] = r.build("small-noop", "runs/small", docs="small")
+    runs["small-noop"].update(docs=len(small),
+                              heavy_imports=heavy_imports(r, "small-importtime", "runs/small", "small"))
+
+    runs["store"] = r.worker("store", {"root": str(root), "db": "store", "n": a.store_chunks, "dim": 32})
+
+    if runs["probe"]["answer"]["cuda"]:
+        gpu_batch = a.embed_batch or CUDA_BATCH
+        runs["gpu-floor"] = r.worker("floor", {**floor, "device": "cuda", "fp16": True, "batch": gpu_batch},
+                                     "gpu-floor")
+        runs["gpu-build"] = r.build("gpu-build", "runs/gpu", "--embed-cache", "off", "--device", "cuda",
+                                    "--embed-batch", str(gpu_batch))
+    return runs
+
+
+# ---- report ----------------------------------------------------------------------------
+
+def _best(runs: dict, prefix: str) -> dict:
+    """The fastest pass of one side: the one least disturbed by other work on the machine."""
+    return min((v for k, v in runs.items() if re.fullmatch(rf"{prefix}-\d+", k)), key=lambda v: v["wall_sec"])
+
+
+def _passes(runs: dict, prefix: str) -> str:
+    return "/".join(f"{v['wall_sec']:.1f}" for k, v in runs.items() if re.fullmatch(rf"{prefix}-\d+", k))
+
+
+def _load(*records: dict) -> str:
+    return f"{records[0]['load_before']:.1f}->{records[-1]['load_after']:.1f}"
+
+
+def figures(runs: dict) -> tuple[list[tuple[str, ...]], dict]:
+    """Table rows (figure, value, target, raw, load average before->after) and the ratios by name.
+    Wall ratios compare each side's fastest pass, CPU ratios each side's least CPU."""
+    fl, off, on = _best(runs, "floor"), _best(runs, "cold-off"), _best(runs, "cold-on")
+    cpu = {side: min(v["cpu_sec"] for k, v in runs.items() if re.fullmatch(rf"{side}-\d+", k))
+           for side in ("floor", "cold-off", "cold-on")}
+    corpus, fa, ca = runs["corpus"], fl["answer"], runs["cache"]["answer"]
+    cache_work = corpus["chunks"] * (ca["fill_sec"] + ca["get_sec"]) / ca["entries"]  # at the rates measured below
+    ratios = {"build_off_vs_floor": off["wall_sec"] / fl["wall_sec"],
+              "build_on_vs_floor": on["wall_sec"] / fl["wall_sec"],
+              "build_off_vs_floor_cpu": cpu["cold-off"] / cpu["floor"],
+              "build_on_vs_floor_cpu": cpu["cold-on"] / cpu["floor"],
+              "cache_overhead": on["wall_sec"] / off["wall_sec"] - 1,
+              "cache_overhead_cpu": cpu["cold-on"] / cpu["cold-off"] - 1,
+              "cache_work_share": cache_work / off["wall_sec"],
+              "rebuild_vs_cold": runs["rebuild"]["wall_sec"] / on["wall_sec"]}
     rows = [
-        ("figure", "value", "target", "raw"),
-        ("build / embed-only, wall (load excluded)", f"{o['ratio_build_vs_embed']:.3f}", "<= 1.10",
-         f"best {o['build_minus_load_sec']:.2f} s / {o['embed_only_sec']:.2f} s; passes build "
-         f"{_secs(o['build_minus_load_passes_sec'])}, embed {_secs(o['embed_only_passes_sec'])}; "
-         f"{o['docs']} docs, {o['chunks']} chunks"),
-        ("build / embed-only, CPU time", f"{o['ratio_build_vs_embed_cpu']:.3f}", "",
-         f"{o['build_minus_load_cpu_sec']:.2f} s / {o['embed_only_cpu_sec']:.2f} s (best of each)"),
-        ("build / its own encode calls, wall", f"{o['ratio_build_vs_own_encode']:.3f}", "",
-         f"{o['build_minus_load_sec']:.2f} s / {o['build_encode_sec']:.2f} s (same pass)"),
-        ("  model load (in build / standalone)", "", "", f"{o['build_model_load_sec']:.2f} s / "
-         f"{o['standalone_model_load_sec']:.2f} s"),
-        (f"no-op CLI run, {n['docs']} docs", f"{n['cli_noop_sec']:.2f} s", "~1 s",
-         f"python start {n['python_startup_sec']:.2f} s; first build {n['first_build_sec']:.2f} s"),
-        ("no-op in-process build()", f"{n['inprocess_noop_sec']:.2f} s", "", 
-         f"embedder loads {n['inprocess_embedder_loads']}, chunks embedded {n['inprocess_chunks_embedded']}"),
-        ("no-op CLI imported torch / FlagEmbedding", f"{n['cli_torch_imported']} / "
-         f"{n['cli_flagembedding_imported']}", "False / False", ""),
-        ("peak RSS growth / manifest growth", f"{m['ratio_rss_vs_manifest_growth']:.1f}", "small",
-         f"{small['docs']}->{large['docs']} docs ({small['chunks']}->{large['chunks']} chunks): peak RSS "
-         f"{small['peak_rss_mb']:.1f}->{large['peak_rss_mb']:.1f} MB (ru_maxrss {small['ru_maxrss_mb']:.1f}->"
-         f"{large['ru_maxrss_mb']:.1f}), manifest {small['manifest_mb']:.2f}->{large['manifest_mb']:.2f} MB, "
-         f"corpus {small['corpus_mb']:.1f}->{large['corpus_mb']:.1f} MB"),
-        ("Python-heap peak growth / manifest growth", f"{m['ratio_py_vs_manifest_growth']:.1f}", "",
-         f"tracemalloc peak {small['py_peak_mb']:.2f}->{large['py_peak_mb']:.2f} MB"),
-        ("upsert split (batch > store max)", "ok" if s["ok"] else "FAILED", "ok",
-         f"max_batch {s['max_batch']}, --upsert-batch {s['upsert_batch']}, {s['chunks']} chunks in "
-         f"{s['chroma_upsert_calls']} Chroma calls (largest {s['largest_call']}), {s['build_sec']:.2f} s"),
+        ("floor: FlagModel.encode, fresh process", f"{fl['wall_sec']:.1f} s", "",
+         f"import {fa['import_sec']:.1f} + load {fa['load_sec']:.1f} + encode {fa['encode_sec']:.1f} s; "
+         f"CPU {fl['cpu_sec']:.0f} s; {corpus['chunks']} chunks of {corpus['docs']} docs, max_length "
+         f"{corpus['max_length']}, batch {corpus['embed_batch']}; passes {_passes(runs, 'floor')}", _load(fl)),
+        ("cold build, cache off / floor", f"{ratios['build_off_vs_floor']:.3f}", "<= 1.00",
+         f"{off['wall_sec']:.1f} s / {fl['wall_sec']:.1f} s; CPU {cpu['cold-off']:.1f} s / {cpu['floor']:.1f} s = "
+         f"{ratios['build_off_vs_floor_cpu']:.3f}; passes {_passes(runs, 'cold-off')}", _load(off)),
+        ("cold build, cache on / floor", f"{ratios['build_on_vs_floor']:.3f}", "",
+         f"{on['wall_sec']:.1f} s; CPU {cpu['cold-on']:.1f} s = {ratios['build_on_vs_floor_cpu']:.3f}; "
+         f"passes {_passes(runs, 'cold-on')}", _load(on)),
+        ("cache overhead, (on - off) / off", f"{100 * ratios['cache_overhead']:+.1f} %", "<= 2 %",
+         f"CPU {100 * ratios['cache_overhead_cpu']:+.1f} %; the cache's own work, {corpus['chunks']} puts + gets at "
+         f"the rates of the lookup row: {cache_work:.3f} s = {100 * ratios['cache_work_share']:.2f} %", _load(off, on)),
+        ("peak RSS, cold build off / on", f"{off['peak_rss_mb']:.0f} / {on['peak_rss_mb']:.0f} MB", "",
+         f"floor {fl['peak_rss_mb']:.0f} MB", _load(off, on)),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + " | " + row[3] for row in rows]
+    for key, label, target in (("noop", f"no-op rerun, {corpus['docs']} docs", ""),
+                               ("small-noop", f"no-op rerun, {runs['small-noop']['docs']:,} small docs", "<= 2 s")):
+        n = runs[key]
+        rows.append((label, f"{n['wall_sec']:.2f} s", target,
+                     f"embedded {n['summary']['chunks_embedded']}; imported {', '.join(n['heavy_imports']) or 'no '}"
+                     f"{'/'.join(HEAVY_MODULES)}", _load(n)))
+    sf = runs["small-first"]
+    rows.append(("  first build of those, all from cache", f"{sf['wall_sec']:.1f} s", "", f"embedded "
+                 f"{sf['summary']['chunks_embedded']}, from cache {sf['summary']['chunks_from_cache']}", _load(sf)))
+    e = runs["edit"]
+    rows.append((f"{e['edited']} doc(s) edited + 1 appended", f"embedded {e['summary']['chunks_embedded']}",
+                 f"= changed ({e['changed_chunks']})",
+                 f"from cache {e['summary']['chunks_from_cache']} of {e['chunks_of_edited_docs']} chunks in those docs; "
+                 f"{e['wall_sec']:.1f} s", _load(e)))
+    rb = runs["rebuild"]
+    rows.append(("rebuild, Chroma folder deleted / cold", f"{ratios['rebuild_vs_cold']:.3f}", "<= 0.10, 0 embedded",
+                 f"{rb['wall_sec']:.1f} s / {on['wall_sec']:.1f} s; embedded {rb['summary']['chunks_embedded']}, "
+                 f"from cache {rb['summary']['chunks_from_cache']}", _load(rb)))
+    for mode in ("off", "on"):
+        k, rr = runs[f"kill-{mode}"], runs[f"kill-{mode}-rerun"]
+        s, held = rr["summary"], rr["stage"]["chunks_upserted_total_last"]
+        ratios[f"kill_{mode}_rerun_embedded"] = s["chunks_embedded"]
+        if mode == "off":
+            value, cached = f"embedded {s['chunks_embedded']}", ""
+            target = f"<= not committed ({s['expected_chunks'] - held})"
+        else:  # what the killed run had finished is in the cache; the rest was never computed
+            again = s["chunks_embedded"] - (s["expected_chunks"] - k["cache_entries"])
+            ratios["kill_on_rerun_reembedded"] = again
+            value, target = f"re-embedded {again}", "0"
+            cached = (f"; cache held {k['cache_entries']} at the kill, so "
+                      f"{s['expected_chunks'] - k['cache_entries']} never computed")
+        rows.append((f"rerun after kill at 50 %, cache {mode}", value, target,
+                     f"embedded {s['chunks_embedded']}, from cache {s['chunks_from_cache']}; Chroma held {held} of "
+                     f"{s['expected_chunks']} ({rr['stage']['done_docs']} docs committed){cached}; killed at "
+                     f"{k['wall_sec']:.0f} s, rerun {rr['wall_sec']:.1f} s", _load(k, rr)))
+    st = runs["store"]["answer"]
+    ratios["cache_lookups_per_sec"] = ca["lookups_per_sec"]
+    rows += [
+        ("cache lookups, get_many", f"{ca['lookups_per_sec']:,.0f} chunks/s", ">= 20,000",
+         f"{ca['entries']:,} entries, groups of {ca['group']}; {ca['get_sec']:.2f} s (fill {ca['fill_sec']:.1f} s)",
+         _load(runs["cache"])),
+        (f"final reconcile: Store.all_ids, {st['n']:,} chunks", f"{st['all_ids_sec']:.2f} s", "small",
+         f"insert {st['insert_sec']:.0f} s", _load(runs["store"])),
+        (f"durable finish, {st['n']:,} chunks", f"{st['durable_sec']:.2f} s", "",
+         f"{st['durable_by']}: {st['files']} files, {st['mb']:.0f} MB; again {st['durable_again_sec']:.2f} s",
+         _load(runs["store"])),
+    ]
+    if "gpu-build" in runs:
+        g, gf = runs["gpu-build"], runs["gpu-floor"]
+        ratios["gpu_build_vs_floor"] = g["wall_sec"] / gf["wall_sec"]
+        rows.append((f"GPU ({runs['probe']['answer']['gpu']}) cold build / floor fp16",
+                     f"{ratios['gpu_build_vs_floor']:.3f}", "<= 1.00", f"{g['wall_sec']:.1f} s / {gf['wall_sec']:.1f} s", _load(gf, g)))
+    else:
+        rows.append(("GPU build / floor", "skipped", "", "torch.cuda.is_available() is False", ""))
+    return rows, ratios
+
+
+def render(rows: list[tuple[str, ...]]) -> str:
+    rows = [("figure", "value", "target", "load", "raw"), *[(f, v, t, ld, raw) for f, v, t, raw, ld in rows]]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " | " + row[4] for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
-def _secs(values: list[float]) -> str:
-    return "/".join(f"{v:.1f}" for v in values)
+def pin_source(root: Path, rev: str | None) -> str:
+    """The code measured: `git archive REV src` put first on every process's path (other developers
+    edit the working tree while a benchmark runs), or the working tree, marked when src/ is dirty."""
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", rev or "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    if rev is None:
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True).stdout
+        return commit + (" + uncommitted src/ changes" if dirty else "")
+    archive = subprocess.run([*git, "archive", commit, "src"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    ENV["PYTHONPATH"] = str(root / "src")
+    sys.path.insert(0, ENV["PYTHONPATH"])
+    return commit
+
+
+def machine(probe: dict) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"cores": os.cpu_count(), "cpu": cpu, "torch": probe["torch"], "torch_threads": probe["threads"],
+            "cuda": probe["cuda"], "python": platform.python_version()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--docs", type=int, help="documents for the build-overhead corpus (default 150; quick 40)")
-    ap.add_argument("--embed-batch", type=int, default=32, help="texts per forward pass (default 32)")
-    ap.add_argument("--upsert-batch", type=int, default=256,
-                    help="chunks per commit group (default 256); the split test uses it if above the store limit")
-    ap.add_argument("--rounds", type=int, help="alternating embed-only/build rounds for figure 1 (default 2; quick 1)")
-    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (~1 minute)")
-    ap.add_argument("--report", metavar="FILE.json", help="also write all figures as JSON")
-    args = ap.parse_args(argv)
-    docs = args.docs or (40 if args.quick else 150)
-    rounds = args.rounds or (1 if args.quick else 2)
-    noop_docs, mem_sizes = (200, (100, 400)) if args.quick else (1000, (500, 2000))
+    ap.add_argument("--quick", action="store_true", help="smaller sizes for a smoke run")
+    ap.add_argument("--docs", type=int, help="documents of the main corpus (default 100; quick 24)")
+    ap.add_argument("--embed-batch", type=int, help=f"texts per forward pass, floor and builds alike (default "
+                    f"{CPU_BATCH}; the GPU rows {CUDA_BATCH})")
+    ap.add_argument("--rounds", type=int, help="alternating floor / cold-build passes (default 2; quick 1)")
+    ap.add_argument("--small-docs", type=int, help="small documents of the no-op run (default 10000; quick 2000)")
+    ap.add_argument("--cache-entries", type=int, help="entries of the cache lookup figure (default 25000; quick 5000)")
+    ap.add_argument("--store-chunks", type=int,
+                    help="chunks of the all_ids / fsync figures (default 100000; quick 20000)")
+    ap.add_argument("--json", metavar="FILE", help="also write every figure and every process record as JSON")
+    ap.add_argument("--commit", metavar="REV", help="measure this commit's src/ (default: the working tree)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (corpora, logs of every process)")
+    a = ap.parse_args(argv)
+    for name, full, quick in (("docs", 100, 24), ("rounds", 2, 1), ("small_docs", 10000, 2000),
+                              ("cache_entries", 25000, 5000), ("store_chunks", 100000, 20000)):
+        if getattr(a, name) is None:
+            setattr(a, name, quick if a.quick else full)
 
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-chroma-resume-") as tmp:
-        root = Path(tmp)
-        result = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": args.quick,
-                  "loadavg_start": os.getloadavg()}
-        # memory first: its children are spawned while this process is still small (see bench_memory)
-        for name, run in (("memory", lambda: bench_memory(root, *mem_sizes)),
-                          ("noop", lambda: bench_noop(root, noop_docs)),
-                          ("split", lambda: bench_split(root, args.upsert_batch)),
-                          ("overhead", lambda: bench_overhead(root, docs, args.embed_batch, args.upsert_batch,
-                                                              rounds))):
-            t0 = time.perf_counter()
-            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            result[name] = run()
-            print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    result["machine"] = _machine()  # imports torch, so only after the memory children ran
-    result["total_sec"] = time.perf_counter() - started
-    result["loadavg_end"] = os.getloadavg()
-    print(f"{result['when']} · {result['machine']} · total {result['total_sec']:.0f} s · load average "
-          f"{result['loadavg_start'][0]:.1f} at start, {result['loadavg_end'][0]:.1f} at end")
-    print(table(result))
-    if args.report:
-        Path(args.report).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    started, when = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %z")
+    root = Path(tempfile.mkdtemp(prefix="bench-chroma-resume-"))
+    try:
+        commit = pin_source(root, a.commit)
+        runs = measure(root, a)
+    finally:
+        if a.keep:
+            print(f"[bench] work folder kept: {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    rows, ratios = figures(runs)
+    m = {**machine(runs["probe"]["answer"]), "commit": commit}
+    total = time.perf_counter() - started
+    print(f"{when} · commit {m['commit']} · {m['cores']} cores ({m['cpu']}), torch {m['torch']} threads "
+          f"{m['torch_threads']}, Python {m['python']} · total {total:.0f} s · bench process peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(render(rows))
+    if a.json:
+        for record in runs.values():
+            record.pop("stdout", None)
+        Path(a.json).write_text(json.dumps({
+            "when": when, "machine": m, "options": vars(a), "total_sec": total, "ratios": ratios,
+            "figures": [dict(zip(("figure", "value", "target", "raw", "load"), row)) for row in rows],
+            "runs": runs}, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
-def _machine() -> str:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return (f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} threads {torch.get_num_threads()}, "
-            f"Python {platform.python_version()}, {platform.system()}")
-
-
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        print("@@" + json.dumps(WORKERS[sys.argv[2]](json.loads(sys.argv[3]))))
+        sys.exit(0)
     sys.exit(main())
