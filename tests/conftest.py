@@ -98,3 +98,21 @@ def workdir(tmp_path: Path) -> Path:
 # Options for fast builds with the deterministic stand-in embedder.
 HASH_BUILD = ["--docs", "corpus", "--collection", "test", "--embed-model", "hash:32", "--upsert-batch", "16",
               "--progress", "off"]
+
+
+@pytest.fixture
+def observed_wal(tmp_path: Path, monkeypatch):
+    """(path, writer, sync log): a WAL begun with RUN_START whose fsyncs fault_injection records, as a
+    power cut would see them (the harness's fsync patch is undone after the test)."""
+    from chroma_resume import wal
+    from fault_injection import engine
+
+    for name in ("fsync", "fdatasync"):
+        monkeypatch.setattr(os, name, getattr(os, name))
+    sync_log = tmp_path / "sync.log"
+    engine.observe_fsyncs(str(sync_log))
+    path = str(tmp_path / "index_state.stage.jsonl")
+    writer = wal.Writer(path, "run1", policy="off", interval=50)
+    writer.append(wal.RunStart(wal_version=wal.WAL_VERSION, schema_hash="s", collection="c", db="d",
+                               sync_mode="incremental", config={}, pid=1, host="h"))
+    return path, writer, sync_log

@@ -17,7 +17,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO))
 
 from chroma_resume import corpus, state, wal  # noqa: E402
-from fault_injection import compare, engine, matrix, runner, walfile  # noqa: E402
+from fault_injection import compare, matrix, runner, walfile  # noqa: E402
 from fault_injection.changes import CHANGES  # noqa: E402
 from fault_injection.runner import Boundary, Golden  # noqa: E402
 from fault_injection.scenarios import SCENARIOS, engine_config, engine_paths, mixed, prepare  # noqa: E402
@@ -77,17 +77,10 @@ def test_tampering_keeps_the_count_and_swaps_one_id(mix_start, tmp_path):
     assert foreign.startswith(entry.doc_id + ":")
 
 
-def test_a_hole_after_the_fsync_point_is_a_torn_tail(tmp_path, monkeypatch):
+def test_a_hole_after_the_fsync_point_is_a_torn_tail(observed_wal):
     """Power loss may keep later pages and lose an earlier one: zeros, then intact records that
     declare an older fsync point. The engine must read that as a torn tail, not corruption."""
-    for name in ("fsync", "fdatasync"):
-        monkeypatch.setattr(os, name, getattr(os, name))
-    sync_log = tmp_path / "sync.log"
-    engine.observe_fsyncs(str(sync_log))
-    path = str(tmp_path / "index_state.stage.jsonl")
-    writer = wal.Writer(path, "run1", policy="off", interval=50)
-    writer.append(wal.RunStart(wal_version=wal.WAL_VERSION, schema_hash="s", collection="c", db="d",
-                               sync_mode="incremental", config={}, pid=1, host="h"))
+    path, writer, sync_log = observed_wal
     for i in range(60):  # more than a page, none fsynced
         writer.append(wal.DocBegin(uri=f"d{i}", doc_id=f"id{i}", content_sha256=f"sha{i}", n_chunks=1, kind="added"))
     writer.close()

@@ -5,7 +5,6 @@ two rows with the real model all recover to an index equal to a clean build."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from conftest import REPO, collection_rows, run_cli
 sys.path.insert(0, str(REPO))
 
 from chroma_resume import wal  # noqa: E402
-from fault_injection import engine, matrix, walfile  # noqa: E402
+from fault_injection import matrix, walfile  # noqa: E402
 from fault_injection.scenarios import SCENARIOS, engine_args  # noqa: E402
 
 
@@ -85,15 +84,8 @@ def test_cli_prints_the_table_and_writes_the_report(tmp_path):
 
 
 @pytest.mark.timeout(30)
-def test_damage_cuts_the_wal_as_a_crash_could(tmp_path, monkeypatch):
-    for name in ("fsync", "fdatasync"):
-        monkeypatch.setattr(os, name, getattr(os, name))  # undone after the test
-    sync_log = tmp_path / "sync.log"
-    engine.observe_fsyncs(str(sync_log))
-    path = str(tmp_path / "index_state.stage.jsonl")
-    writer = wal.Writer(path, "run1", policy="off", interval=50)
-    writer.append(wal.RunStart(wal_version=wal.WAL_VERSION, schema_hash="s", collection="c", db="d",
-                               sync_mode="incremental", config={}, pid=1, host="h"))
+def test_damage_cuts_the_wal_as_a_crash_could(observed_wal):
+    path, writer, sync_log = observed_wal
     for i in range(3):
         writer.append(wal.DocBegin(uri=f"d{i}", doc_id=f"id{i}", content_sha256=f"sha{i}", n_chunks=2 + i,
                                    kind="added"))
