@@ -51,10 +51,6 @@ class Plan(msgspec.Struct, kw_only=True):
     def resumed(self) -> list[DocAction]:
         return [d for d in self.docs if d.action == "resumed"]
 
-    @property
-    def nothing_to_do(self) -> bool:
-        return not self.stale and all(d.action == "unchanged" and not d.old_generations for d in self.docs)
-
 
 class _Known(msgspec.Struct):
     """One generation of a uri and how sure we are that all its chunks are in Chroma."""

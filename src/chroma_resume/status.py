@@ -67,7 +67,7 @@ def status(c: Config) -> dict:
 def _lost_collection(c: Config) -> str | None:
     """Without opening Chroma status cannot read the collection's incarnation, but it can see that an
     embedded store is gone: a build would create a new collection and set the WAL aside."""
-    if not c.chroma_host and not os.path.exists(os.path.join(cfg.path(c, c.db), "chroma.sqlite3")):
+    if store.embedded_store_missing(c):
         return "none(the --db folder is missing)"
     return None
 
@@ -107,7 +107,7 @@ def up_to_date(c: Config) -> tuple[bool, str]:
         return False, str(exc)
     if manifest is None or manifest.db != cfg.db_identity(c):
         return False, "no manifest for this database"
-    if not c.chroma_host and not os.path.exists(os.path.join(cfg.path(c, c.db), "chroma.sqlite3")):
+    if store.embedded_store_missing(c):
         return False, "the Chroma folder is missing"
     if store.damaged_files(c):
         return False, "the Chroma folder may be damaged"

@@ -189,6 +189,11 @@ def set_aside(c: Config) -> str:
 _NEVER_EMPTY = ("header.bin", "data_level0.bin", "length.bin", "index_metadata.pickle", "chroma.sqlite3")
 
 
+def embedded_store_missing(c: Config) -> bool:
+    """An embedded --db folder without Chroma's database: a build would create a new collection."""
+    return not c.chroma_host and not os.path.exists(os.path.join(cfg.path(c, c.db), "chroma.sqlite3"))
+
+
 def damaged_files(c: Config) -> list[str]:
     """Files of an embedded Chroma folder that cannot be right, found without opening Chroma
     (for resume-status and doit's up-to-date check, which import no chromadb)."""

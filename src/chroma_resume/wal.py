@@ -184,7 +184,6 @@ class Replay(msgspec.Struct, kw_only=True):
     committed_batches: int = 0
     chunks_upserted_total: int = 0
     generations: dict[str, dict[str, Generation]] = {}  # uri -> generation_key -> generation
-    done: dict[str, str] = {}  # uri -> sha of DOC_DONE
 
     @property
     def finished_ok(self) -> bool:
@@ -227,8 +226,6 @@ def _apply(r: Replay, ev: Event) -> None:
         g.state, g.n_chunks = "deleting", max(g.n_chunks, ev.n_chunks)
     elif isinstance(ev, (DeleteOldDone, DeleteStaleDone)):
         _generation(r, ev.uri, ev.doc_id, ev.old_content_sha256, ev.deleted_chunks).state = "deleted"
-    elif isinstance(ev, DocDone):
-        r.done[ev.uri] = ev.content_sha256
 
 
 def read(path: str) -> Replay | None:
