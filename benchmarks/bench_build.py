@@ -260,13 +260,13 @@ def worker_cache(a: dict) -> dict:
     fingerprint (the texts given first), then time get_many in the build's group size."""
     import numpy as np
 
-    from chroma_resume import cache, embedding
+    from chroma_resume import cache, models
     from chroma_resume.config import make_config
 
     c = make_config(root=a["root"], state_root=a["state_root"])
     texts = json.loads(Path(a["texts"]).read_text(encoding="utf-8"))
     texts += [f"filler {i}: {texts[i % len(texts)]}" for i in range(a["entries"] - len(texts))]
-    db = cache.open_cache(c, embedding.model_fingerprint(c), lambda *args, **kw: print(args, kw, file=sys.stderr))
+    db = cache.open_cache(c, models.model_fingerprint(c), lambda *args, **kw: print(args, kw, file=sys.stderr))
     rng, step = np.random.default_rng(0), c.upsert_batch
     t0 = time.perf_counter()
     for lo in range(0, len(texts), step):
@@ -348,7 +348,7 @@ def cache_entries(state_root: Path) -> int:
 def measure(root: Path, a: argparse.Namespace) -> dict:
     """Every scenario of the issue, each a fresh process; returns the raw records by label."""
     from chroma_resume import config as cfg
-    from chroma_resume import embedding
+    from chroma_resume import models
 
     batch = a.embed_batch or CPU_BATCH  # given to both sides: the build's default may change, and differs on CUDA
     r, runs = Runner(root, ("--embed-batch", str(batch))), {}
@@ -357,10 +357,10 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
     c = cfg.make_config(root=str(root), docs="corpus")
     texts = chunk_texts(c)
     (root / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
-    model = embedding.model_location(c)
+    model = models.location(c)
     dim = json.loads((Path(model) / "config.json").read_text())["hidden_size"]
-    floor = {"model": model, "pooling": cfg.pooling(c), "batch": batch, "texts": str(root / "texts.json"),
-             "max_length": embedding.effective_max_length(c), "device": "cpu", "fp16": False}
+    floor = {"model": model, "pooling": models.pooling(c), "batch": batch, "texts": str(root / "texts.json"),
+             "max_length": models.effective_max_length(c), "device": "cpu", "fp16": False}
     runs["corpus"] = {"docs": len(files), "chunks": len(texts), "chars": sum(len(t) for t in texts),
                       "max_length": floor["max_length"], "embed_batch": floor["batch"], "upsert_batch": c.upsert_batch}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from chroma_resume import config as cfg
+from chroma_resume import schema
 from chroma_resume.chunking import chunk_text
 from conftest import HASH_BUILD, lock_holder, run_cli, summary, write_corpus
 
@@ -25,7 +26,7 @@ MANIFEST = "index_state.json"
 def state_dir(root: Path, collection: str = "test", model: str = "hash:32") -> Path:
     """<state-root>/<collection>/<schema_hash> for the options HASH_BUILD uses."""
     c = cfg.make_config(root=str(root), docs="corpus", collection=collection, embed_model=model)
-    return Path(cfg.state_dir(c))
+    return Path(schema.state_dir(c))
 
 
 def build(root: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -362,7 +363,7 @@ def test_disk_full_exits_5_and_a_rerun_with_space_completes(tmp_path, small_tmpf
     result = run_cli(["build", *args], cwd=tmp_path)
     assert result.returncode == 5, result.stdout + result.stderr
     assert "cannot append" in result.stderr and WAL in result.stderr and "Traceback" not in result.stderr
-    sdir = Path(cfg.state_dir(cfg.make_config(root=str(tmp_path), docs="corpus", collection="test",
+    sdir = Path(schema.state_dir(cfg.make_config(root=str(tmp_path), docs="corpus", collection="test",
                                               embed_model="hash:32", state_root="state")))
     assert (sdir / WAL).exists() and not (sdir / MANIFEST).exists()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from chroma_resume import config as cfg
+from chroma_resume import schema
 from conftest import REPO, summary, write_corpus
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,7 +47,7 @@ def collection_counts(root: Path) -> dict[str, int]:
 
 
 def delete_one_chunk(root: Path) -> str:
-    state = Path(cfg.state_dir(cfg.make_config(root=str(root), docs="corpus", collection="test", embed_model="hash:32")))
+    state = Path(schema.state_dir(cfg.make_config(root=str(root), docs="corpus", collection="test", embed_model="hash:32")))
     entry = json.loads((state / "index_state.json").read_text())["documents"]["doc0005.md"]
     victim = f"{entry['doc_id']}:{entry['content_sha256'][:12]}:0"
     chroma(root, f"client.get_collection('test').delete(ids=[{victim!r}])")

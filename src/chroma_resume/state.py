@@ -16,7 +16,7 @@ import socket
 import msgspec
 
 from . import config as cfg
-from . import failpoints
+from . import failpoints, schema
 from .errors import ChromaResumeError, LockHeld, RuntimeFailure, UsageError
 
 WAL_NAME = "index_state.stage.jsonl"
@@ -98,6 +98,16 @@ def entry_from_metadata(meta: dict, updated_at: str = "") -> DocEntry:
                     metadata={k: v for k, v in meta.items() if k not in CHUNK_KEYS})
 
 
+def row_is_chunk(meta: dict | None, document: str | None, uri: str, entry: DocEntry, index: int) -> bool:
+    """Whether a stored row is chunk `index` of generation `entry` of `uri` as a build writes it:
+    every metadata key with its type, and a text hash that matches the row's own text. Evidence
+    that needs neither vectors nor the model (resume checks, audits)."""
+    if meta is None or document is None:
+        return False
+    return same_metadata(meta, chunk_metadata(uri, entry.doc_id, entry.content_sha256, entry.source_type,
+                                              entry.metadata, index, entry.n_chunks, document))
+
+
 def same_metadata(a: dict | None, b: dict | None) -> bool:
     """Equal keys, values and types: in Python 1 == 1.0 == True, but Chroma stores them apart."""
     a, b = a or {}, b or {}
@@ -110,7 +120,7 @@ def now_iso() -> str:
 
 def paths(c: cfg.Config) -> dict[str, str]:
     """Where this configuration's state lives (DESIGN §2)."""
-    sdir = cfg.state_dir(c)
+    sdir = schema.state_dir(c)
     return {"state_dir": sdir, "collection_dir": cfg.collection_dir(c),
             "manifest": os.path.join(sdir, MANIFEST_NAME), "wal": os.path.join(sdir, WAL_NAME)}
 

@@ -11,11 +11,12 @@ from . import state, store, wal
 from .config import Config
 from .errors import ChromaResumeError
 from .plan import resume_decision
+from .schema import schema_hash
 
 
 def status(c: Config) -> dict:
     p = state.paths(c)
-    schema = cfg.schema_hash(c)
+    schema = schema_hash(c)
     report: dict = {
         "db_path": cfg.db_identity(c), "collection": c.collection, "schema_hash": schema,
         "latest_schema_hash": state.read_latest(p["collection_dir"]) or "",
@@ -99,7 +100,7 @@ def up_to_date(c: Config) -> tuple[bool, str]:
     p = state.paths(c)
     if os.path.exists(p["wal"]):
         return False, "a WAL is pending"
-    if state.read_latest(p["collection_dir"]) != cfg.schema_hash(c):
+    if state.read_latest(p["collection_dir"]) != schema_hash(c):
         return False, "LATEST differs from this configuration's schema"
     try:
         manifest = state.load_manifest(p["manifest"])

