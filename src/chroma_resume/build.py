@@ -21,13 +21,16 @@ from typing import TextIO
 import msgspec
 
 from . import config as cfg
-from . import corpus, embedding, failpoints, state, store, wal
+from . import corpus, failpoints, models, schema, state, store, wal
+from .audit import audit
 from .config import Config
 from .errors import CheckFailed, ChromaResumeError, Interrupted, StoreCorrupt, UsageError, WalCorrupt
 from .pipeline import Counters, OpenDoc, Pipeline, VectorSource, delete_generations
 from .plan import FACTS_ONLY, DocAction, Generation, Plan, ResumeDecision, make_plan, resume_decision
 from .reporting import Progress, Warnings
 
+
+NEW_COLLECTION = "new"  # the incarnation a run will create: no WAL or manifest can describe it
 
 STORE_FIX = ("Run the build with --on-store-corrupt rebuild (the default) or `chroma-resume repair`: it sets the "
              "folder aside and rebuilds the collection from the corpus, with vectors from the embedding cache")
@@ -62,12 +65,12 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     # Read the corpus and find the model before taking the lock: bad input is exit 2 before anything is created.
     listing = corpus.Listing()
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
-    embedding.model_location(c)
+    model = models.preflight(c)  # every refusal about the model, before anything is created
     p = state.paths(c)
     with state.WriterLock(p["collection_dir"], run_id=uuid.uuid4().hex[:12]), _StopOnSignal() as stop:
         os.makedirs(p["state_dir"], exist_ok=True)
         _remove_temp_files(p)
-        run = _Run(c, p, cfg.schema_hash(c), out, stop, warn)
+        run = _Run(c, p, schema.schema_hash(c), model, out, stop, warn)
         return run.execute(docs, listing, started)
 
 
@@ -81,8 +84,10 @@ def _remove_temp_files(p: dict) -> None:
 class _Run:
     """One build's working state; lives only inside build()."""
 
-    def __init__(self, c: Config, p: dict, schema: str, out: TextIO, stop: "_StopOnSignal", warn: Warnings):
-        self.c, self.p, self.schema, self.out, self.stop, self.warn = c, p, schema, out, stop, warn
+    def __init__(self, c: Config, p: dict, schema_hash: str, model: models.ModelInfo, out: TextIO,
+                 stop: "_StopOnSignal", warn: Warnings):
+        self.c, self.p, self.schema, self.model, self.out, self.stop, self.warn = c, p, schema_hash, model, out, stop, warn
+        self.run_id = uuid.uuid4().hex[:12]  # a continued WAL's run keeps its id (_open_wal)
         self.summary = Summary()
         self.counters = Counters()
         self.log: wal.Writer | wal.NullWriter = wal.NullWriter()
@@ -93,22 +98,51 @@ class _Run:
 
     # ---- the run ---------------------------------------------------------------------
     def execute(self, docs: list[corpus.Document], listing: corpus.Listing, started: float) -> Summary:
+        """Decide everything that can refuse the run, then act: nothing is reset, set aside or
+        written before the last check that could refuse has passed (DESIGN §13)."""
         c, p = self.c, self.p
         manifest = state.load_manifest(p["manifest"])
         replay = wal.read(p["wal"])
-        self._readable_store()
-        self.db = db = self._collection()
-        incarnation = db.fingerprint()["incarnation"]
+        if c.resume == "force" and (replay is None or replay.start is None):
+            raise WalCorrupt(f"--resume force: cannot resume: there is no WAL at {p['wal']}; nothing was changed. "
+                             f"Rerun without --resume force to build afresh")
+        damage = self._store_damage()
+        db = None if damage else store.open_store(c)
+        fp = db.fingerprint() if db is not None else {}
+        held = db.count() if db is not None else 0
+        reset = held > 0 and (fp["schema_hash"], fp["space"]) != (self.schema, c.hnsw_space)
+        if reset:
+            self._check_schema_change(fp)
+        elif held:
+            self._check_dimension(db)
+        incarnation = fp.get("incarnation") if held and not reset else None  # None: a new collection
         if manifest is not None and manifest.incarnation != incarnation:  # not its path: a moved folder is the same
-            self.warn("manifest_of_another_collection", manifest=p["manifest"], collection=c.collection)
+            if incarnation is not None:
+                self.warn("manifest_of_another_collection", manifest=p["manifest"], collection=c.collection)
             manifest = None
         decision = resume_decision(replay, mode=c.resume, schema_hash=self.schema, collection=c.collection,
-                                   db=cfg.db_identity(c), incarnation=incarnation, wal_enabled=c.wal,
+                                   db=cfg.db_identity(c), incarnation=incarnation or NEW_COLLECTION,
+                                   wal_enabled=c.wal,
                                    manifest_run_id=manifest.last_build.get("run_id") if manifest else None)
         if c.resume == "force" and not decision.active:
-            raise WalCorrupt(f"--resume force: cannot resume ({decision.reason}) from {p['wal']}")
-        if manifest is None and not decision.active and db.count() > 0:
-            self.db = db = self._missing_state(db)
+            raise WalCorrupt(f"--resume force: cannot resume ({decision.reason}) from {p['wal']}; nothing was "
+                             f"changed. Rerun without --resume force to build afresh")
+        missing_state = manifest is None and not decision.active and incarnation is not None
+        if missing_state and c.on_missing_state == "fail":
+            raise UsageError(f"manifest {p['manifest']} is missing but collection {c.collection!r} holds "
+                             f"{held} chunks (--on-missing-state fail); use reset or full-upsert")
+        # ---- from here on the run acts -------------------------------------------------
+        models.remember_digests(self.c)  # the next run names the model by stat, without hashing it
+        if damage:
+            self.summary.store_set_aside = store.set_aside(c)
+            self.warn("store_set_aside", path=self.summary.store_set_aside, cause=damage)
+        self.db = db = self._collection(db, fp, reset or (missing_state and c.on_missing_state == "reset"), held)
+        mark = db.fingerprint()["writing"]
+        vouched = mark is None or mark in (manifest.last_build.get("run_id") if manifest else None,
+                                           replay.start.run_id if replay and replay.start and
+                                           (decision.active or decision.reason in FACTS_ONLY) else None)
+        if not vouched:
+            manifest = self._audited(db, manifest, mark)
         if state.read_latest(p["collection_dir"]) != self.schema:
             state.write_latest(p["collection_dir"], self.schema)
         self.refs = {d.uri: d for d in docs}
@@ -117,6 +151,8 @@ class _Run:
                          trust_commits=decision.active, leftovers=manifest.leftovers if manifest else [])
         self._stage_line(decision, replay)
         self._open_wal(replay, decision, db.fingerprint()["incarnation"])
+        # An unvouched mark stays until a manifest covers its run's writes; else this run's id.
+        db.before_first_write = lambda: db.mark_writing(self.run_id if vouched else mark)
         self.source = VectorSource(c, self.warn, self.counters)
         try:
             return self._run_plan(plan, manifest, started)
@@ -127,10 +163,11 @@ class _Run:
         finally:
             self.source.close()
 
-    def _readable_store(self) -> None:
-        """A store whose files cannot be read is set aside and rebuilt (embedded, --on-store-corrupt
-        rebuild): the manifest then names a collection that is gone, so every document is planned
-        again, and the embedding cache pays for the vectors. A server's store is only reported."""
+    def _store_damage(self) -> str | None:
+        """Why an embedded store cannot be read (it is set aside and rebuilt, --on-store-corrupt
+        rebuild: the manifest then names a collection that is gone, so every document is planned
+        again, and the embedding cache pays for the vectors), or None. A server's store, or
+        --on-store-corrupt fail, refuses instead."""
         c = self.c
         try:
             store.probe(c)
@@ -138,35 +175,49 @@ class _Run:
             if c.chroma_host or c.on_store_corrupt == "fail":
                 raise StoreCorrupt(f"{exc}. {STORE_FIX if not c.chroma_host else 'Repair or restore the server.'}") \
                     from None
-            self.summary.store_set_aside = store.set_aside(c)
-            self.warn("store_set_aside", path=self.summary.store_set_aside, cause=str(exc))
+            return str(exc)
+        return None
 
-    def _collection(self) -> store.Store:
+    def _check_schema_change(self, fp: dict) -> None:
+        c = self.c
+        if c.schema_change == "fail":
+            held = f"schema {fp['schema_hash'] or 'unknown (not built by chroma-resume)'}, space {fp['space']}"
+            raise UsageError(f"schema changed: collection {c.collection!r} in {cfg.db_identity(c)} holds {held}; "
+                             f"this configuration is schema {self.schema}, space {c.hnsw_space} "
+                             f"(--schema-change fail; a changed model, even behind the same name, is a schema "
+                             f"change). Use --schema-change reset to rebuild it")
+        self.warn("schema_reset", collection=c.collection, old=fp["schema_hash"] or "unknown", new=self.schema)
+
+    def _check_dimension(self, db: store.Store) -> None:
+        """Same schema, other dimension: only a collection written by something else gets here."""
+        stored = db.dimension()
+        if stored is not None and stored != self.model.dim:
+            c = self.c
+            raise UsageError(f"collection {c.collection!r} in {cfg.db_identity(c)} holds {stored}-dimensional "
+                             f"vectors but model {c.embed_model!r} makes {self.model.dim}: rebuild it into another "
+                             f"collection (--collection NAME), or delete this one and build again")
+
+    def _collection(self, db: store.Store | None, fp: dict, reset: bool, held: int) -> store.Store:
         """The collection, created or reset so that its fingerprint is this schema (DESIGN §4)."""
         c = self.c
-        db = store.open_store(c, schema=self.schema)
-        fp = db.fingerprint()
-        if fp["schema_hash"] == self.schema and fp["space"] == c.hnsw_space:
-            return db
-        if db.count() == 0:  # nothing to lose: give it this config's space and fingerprint
+        if db is None:
+            return store.open_store(c, schema=self.schema)
+        if reset:
+            if fp["schema_hash"] == self.schema and fp["space"] == c.hnsw_space:
+                self.warn("missing_state_reset", collection=c.collection, chunks=held)
             return db.recreate(self.schema, c.hnsw_space)
-        held = f"schema {fp['schema_hash'] or 'unknown (not built by chroma-resume)'}, space {fp['space']}"
-        if c.schema_change == "fail":
-            raise UsageError(f"schema changed: collection {c.collection!r} in {cfg.db_identity(c)} holds {held}; this configuration "
-                             f"is schema {self.schema}, space {c.hnsw_space} (--schema-change fail). "
-                             f"Use --schema-change reset to rebuild it")
-        self.warn("schema_reset", collection=c.collection, old=fp["schema_hash"] or "unknown", new=self.schema)
-        return db.recreate(self.schema, c.hnsw_space)
+        if (fp["schema_hash"], fp["space"]) != (self.schema, c.hnsw_space):  # empty: nothing to lose
+            return db.recreate(self.schema, c.hnsw_space)
+        return db
 
-    def _missing_state(self, db: store.Store) -> store.Store:
-        c = self.c
-        if c.on_missing_state == "fail":
-            raise UsageError(f"manifest {self.p['manifest']} is missing but collection {c.collection!r} holds "
-                             f"{db.count()} chunks (--on-missing-state fail); use reset or full-upsert")
-        if c.on_missing_state == "reset":
-            self.warn("missing_state_reset", collection=c.collection, chunks=db.count())
-            return db.recreate(self.schema, c.hnsw_space)
-        return db  # full-upsert: embed everything; the reconcile removes what the corpus lacks
+    def _audited(self, db: store.Store, manifest: state.Manifest | None, mark: str) -> state.Manifest:
+        """Run `mark` wrote to the collection and no record covers it: rebuild the manifest from the rows."""
+        found = audit(db, manifest)
+        self.warn("audit_unrecorded_writes", run_id=mark, rows=found.rows, docs=len(found.documents),
+                  broken_generations=found.broken)
+        base = manifest or state.Manifest(schema_hash=self.schema, collection=self.c.collection,
+                                          db=cfg.db_identity(self.c))
+        return msgspec.structs.replace(base, documents=found.documents, leftovers=found.leftovers)
 
     def _run_plan(self, plan: Plan, manifest: state.Manifest | None, started: float) -> Summary:
         c, s = self.c, self.summary
@@ -200,7 +251,8 @@ class _Run:
         self._finish(True, "ok")
         s.elapsed_sec = round(time.monotonic() - started, 3)
         store.make_durable(c)  # a manifest on disk means the collection it describes is on disk too
-        self._write_manifest(manifest, plan.leftovers)
+        if self._write_manifest(manifest, plan.leftovers) and self.db.fingerprint()["writing"]:
+            self.db.mark_writing(None)  # the manifest now records what the marked run wrote
         self._clear_wal()
         return s
 
@@ -228,12 +280,13 @@ class _Run:
         if continued:
             if replay.truncated_tail:
                 wal.drop_torn_tail(path, replay.good_size)
-            self.log = wal.Writer(path, replay.start.run_id, policy=c.wal_fsync, interval=c.wal_fsync_interval,
+            self.run_id = replay.start.run_id
+            self.log = wal.Writer(path, self.run_id, policy=c.wal_fsync, interval=c.wal_fsync_interval,
                                   next_seq=replay.last_seq + 1)
             self.totals = {"batch_no": replay.committed_batches, "upserted": replay.chunks_upserted_total}
             self.log.append(wal.RunResume(pid=os.getpid(), host=socket.gethostname()))
         else:
-            self.log = wal.Writer(path, uuid.uuid4().hex[:12], policy=c.wal_fsync, interval=c.wal_fsync_interval)
+            self.log = wal.Writer(path, self.run_id, policy=c.wal_fsync, interval=c.wal_fsync_interval)
             self.log.append(wal.RunStart(
                 wal_version=wal.WAL_VERSION, schema_hash=self.schema, collection=c.collection,
                 db=cfg.db_identity(c), incarnation=incarnation, sync_mode=c.sync_mode, config=cfg.snapshot(c),
@@ -252,7 +305,10 @@ class _Run:
     def _commit_group(self) -> None:
         self.log.commit_group()
         if self.stop.requested:
-            raise Interrupted("interrupted: the in-flight batch was committed and logged; rerun to resume")
+            if self.c.wal:
+                raise Interrupted("interrupted: the in-flight batch was committed and logged; rerun to resume")
+            raise Interrupted("interrupted: the in-flight batch was committed, but with --wal off nothing records "
+                              "this run, so nothing can resume it; the next build audits the rows it wrote")
 
     def _finish(self, ok: bool, reason: str) -> None:
         s = self.summary
@@ -275,21 +331,26 @@ class _Run:
         self.log.close()
         path = self.p["wal"]
         if self.c.keep_wal:
-            os.replace(path, f"{path}.{self.log.run_id}.done")
+            os.replace(path, f"{path}.{self.run_id}.done")
         else:
             os.unlink(path)
 
     # ---- resume: trust but verify ----------------------------------------------------
     def _check_resumed(self, resumed: list[DocAction]) -> list[DocAction]:
-        """Skip documents the WAL says are committed, after one batched check that Chroma has them."""
+        """Skip documents the WAL says are committed, after one batched check that Chroma holds every
+        row of that generation as this build would write it (metadata, and a text hash that matches
+        the stored text): ids alone would pass rows a later, cut-short rewrite left half changed."""
         wanted = [i for a in resumed for i in state.generation_ids(a.doc_id, a.content_sha256, a.n_chunks)]
-        present = self.db.held(wanted, include=()) if wanted else {}
+        rows = self.db.held(wanted, include=("metadatas", "documents")) if wanted else {}
         again: list[DocAction] = []
         skipped: list[DocAction] = []
         for a in resumed:
-            missing = [i for i in state.generation_ids(a.doc_id, a.content_sha256, a.n_chunks) if i not in present]
-            if missing:
-                self.warn("wal_ahead_of_db", uri=a.uri, missing_chunks=len(missing))
+            entry = self._entry(a, a.n_chunks)
+            ids = state.generation_ids(a.doc_id, a.content_sha256, a.n_chunks)
+            wrong = [i for n, i in enumerate(ids) if i not in rows or not state.row_is_chunk(
+                rows[i]["metadatas"], rows[i]["documents"], a.uri, entry, n)]
+            if wrong:
+                self.warn("wal_ahead_of_db", uri=a.uri, chunks_missing_or_different=len(wrong))
                 again.append(msgspec.structs.replace(a, action="embed"))
             else:
                 skipped.append(a)
@@ -378,9 +439,11 @@ class _Run:
         return {i for e in self.committed.values() for i in state.generation_ids(e.doc_id, e.content_sha256, e.n_chunks)}
 
     # ---- outputs ---------------------------------------------------------------------
-    def _write_manifest(self, manifest: state.Manifest | None, leftovers: list[Generation]) -> None:
+    def _write_manifest(self, manifest: state.Manifest | None, leftovers: list[Generation]) -> bool:
+        """Whether a manifest was written (not with --write-state false: the collection's mark then
+        stays, and the next build audits what this one wrote)."""
         if not self.c.write_state:
-            return
+            return False
         dim = self.source.dim or (manifest.dim if manifest else None)
         if dim is None and self.summary.expected_chunks:
             dim = self.db.dimension()
@@ -388,8 +451,9 @@ class _Run:
             schema_hash=self.schema, collection=self.c.collection, db=cfg.db_identity(self.c), dim=dim,
             incarnation=self.db.fingerprint()["incarnation"], config=cfg.snapshot(self.c),
             documents=dict(sorted(self.committed.items())), leftovers=leftovers,
-            last_build={**msgspec.to_builtins(self.summary), "run_id": self.log.run_id,
+            last_build={**msgspec.to_builtins(self.summary), "run_id": self.run_id,
                         "finished_at": state.now_iso(), "warn_count": self.warn.count}))
+        return True
 
     def _stage_line(self, decision: ResumeDecision, replay: wal.Replay | None) -> None:
         r = replay if decision.active else None

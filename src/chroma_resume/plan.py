@@ -190,8 +190,12 @@ def resume_decision(replay: Replay | None, *, mode: str, schema_hash: str, colle
     if replay.finished_ok and manifest_run_id == replay.start.run_id:
         return ResumeDecision(False, "wal_finished_ok")
     start = replay.start
+    # The collection's incarnation says which collection the WAL describes, wherever its folder now is
+    # (the manifest is matched the same way); the db path decides only for a WAL that names none.
+    by_incarnation = incarnation is not None and bool(start.incarnation)
     for field, ours, theirs in (("schema_hash", schema_hash, start.schema_hash),
-                                ("collection", collection, start.collection), ("db", db, start.db)):
+                                ("collection", collection, start.collection),
+                                ("db", start.db if by_incarnation else db, start.db)):
         if ours != theirs:
             return ResumeDecision(False, f"{field}_mismatch(wal={theirs},now={ours})")
     if incarnation is not None and start.incarnation != incarnation:

@@ -39,6 +39,7 @@ SCAN_PAGE = 5000
 # The collection's own metadata is the truth about what it holds (DESIGN §1, §4):
 SCHEMA_KEY = "chroma_resume:schema_hash"  # the schema_hash the collection was built with
 INCARNATION_KEY = "chroma_resume:incarnation"  # random id set at creation: a manifest names the collection it describes
+WRITING_KEY = "chroma_resume:writing"  # run id of a build that wrote and has not yet recorded a manifest (DESIGN §13)
 SPACE_KEY = "hnsw:space"
 
 
@@ -48,9 +49,16 @@ class Store:
     def __init__(self, client, collection, where: str):
         self.client, self.collection, self.where = client, collection, where
         self.max_batch = _retry(where, "get_max_batch_size", client.get_max_batch_size)
+        self.before_first_write: Callable[[], None] | None = None  # called once, before the first upsert or delete
 
     # ---- writes --------------------------------------------------------------------
+    def _writing(self) -> None:
+        if self.before_first_write is not None:
+            call, self.before_first_write = self.before_first_write, None
+            call()
+
     def upsert(self, ids: list[str], embeddings, documents: list[str], metadatas: list[dict]) -> None:
+        self._writing()
         sizes = [_row_bytes(*row) for row in zip(ids, embeddings, documents, metadatas)]
         for lo, hi in _spans(sizes, self.max_batch):
             _retry(self.where, "upsert", lambda: self.collection.upsert(
@@ -58,6 +66,8 @@ class Store:
         failpoints.fire("store.after_upsert")
 
     def delete(self, ids: Sequence[str], batch: int) -> None:
+        if ids:
+            self._writing()
         for lo, hi in _spans([len(i) + ROW_OVERHEAD_BYTES for i in ids], min(batch, self.max_batch)):
             _retry(self.where, "delete", lambda: self.collection.delete(ids=list(ids[lo:hi])))
         failpoints.fire("store.after_delete")
@@ -115,7 +125,19 @@ class Store:
         meta = self.collection.metadata or {}
         config = getattr(self.collection, "configuration_json", None) or {}
         space = (config.get("hnsw") or {}).get("space") or meta.get(SPACE_KEY)
-        return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": space}
+        return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": space,
+                "writing": meta.get(WRITING_KEY)}
+
+    def mark_writing(self, run_id: str | None) -> None:
+        """Set (or, with None, clear) the mark saying which run wrote rows that no manifest records yet.
+        Chroma replaces a collection's metadata whole and refuses the hnsw keys in it (the space
+        lives in its configuration), so the rest is carried over as it is."""
+        meta = {k: v for k, v in (self.collection.metadata or {}).items() if not k.startswith("hnsw:")}
+        if run_id is None:
+            meta.pop(WRITING_KEY, None)
+        else:
+            meta[WRITING_KEY] = run_id
+        _retry(self.where, "modify", lambda: self.collection.modify(metadata=meta))
 
     def recreate(self, schema: str, space: str) -> "Store":
         """Drop the collection and create it anew with this config's space and fingerprint:

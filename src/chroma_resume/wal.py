@@ -212,9 +212,10 @@ def _apply(r: Replay, ev: Event) -> None:
     elif isinstance(ev, RunFinish):
         r.finish = ev
     elif isinstance(ev, DocBegin):
+        # Over a committed generation too: a rewrite of its rows (metadata, source) may stop half way,
+        # so what it holds is known again only from its next DOC_COMMITTED (or by checking the rows).
         g = _generation(r, ev.uri, ev.doc_id, ev.content_sha256, ev.n_chunks)
-        if g.state != "committed":  # a committed generation being rewritten (metadata) keeps its chunks
-            g.state, g.n_chunks = "begun", max(g.n_chunks, ev.n_chunks)
+        g.state, g.n_chunks = "begun", max(g.n_chunks, ev.n_chunks)
     elif isinstance(ev, UpsertBatchCommitted):
         r.committed_batches += 1
         r.chunks_upserted_total = ev.chunks_upserted_total
