@@ -209,3 +209,14 @@ def test_a_metadata_rewrite_cut_short_then_reverted_is_rewritten(tmp_path):
     assert after.returncode == 0, after.stderr
     assert summary(after.stdout)["chunks_embedded"] == "0"
     assert collection_rows(root / ".chroma", "test") == clean_rows(tmp_path, root, UNITS)
+
+
+def test_a_refused_run_creates_no_database_folder(tmp_path):
+    write_corpus(tmp_path / "corpus", 3)
+    killed = run_cli(["build", *HASH_BUILD], cwd=tmp_path,
+                     env={"CHROMA_RESUME_FAILPOINTS": "wal.after_append:RUN_START@1=kill"})
+    assert killed.returncode == -signal.SIGKILL
+    shutil.rmtree(tmp_path / ".chroma")
+    refused = run_cli(["build", *HASH_BUILD, "--resume", "force"], cwd=tmp_path)
+    assert refused.returncode == 4 and "cannot resume" in refused.stderr
+    assert not (tmp_path / ".chroma").exists()

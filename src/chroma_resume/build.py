@@ -106,8 +106,9 @@ class _Run:
         if c.resume == "force" and (replay is None or replay.start is None):
             raise WalCorrupt(f"--resume force: cannot resume: there is no WAL at {p['wal']}; nothing was changed. "
                              f"Rerun without --resume force to build afresh")
-        damage = self._store_damage()
-        db = None if damage else store.open_store(c)
+        missing = store.embedded_store_missing(c)  # not opened: a client would create the folder
+        damage = None if missing else self._store_damage()
+        db = None if damage or missing else store.open_store(c)
         fp = db.fingerprint() if db is not None else {}
         held = db.count() if db is not None else 0
         reset = held > 0 and (fp["schema_hash"], fp["space"]) != (self.schema, c.hnsw_space)
