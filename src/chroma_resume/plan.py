@@ -69,13 +69,17 @@ def make_plan(corpus: list[Document], manifest: dict[str, DocEntry], replay: Rep
     docs: list[DocAction] = []
     counts = {"added": 0, "changed": 0, "unchanged": 0, "kept": 0}
     current_keys = {generation_key(d.doc_id, d.content_sha256) for d in corpus}
+    touched = _touched_by_uri(replay)
     for doc in corpus:
         known = manifest.get(doc.uri)
         kind = "added" if known is None else ("unchanged" if _same(known, doc) else "changed")
         counts[kind] += 1
         live = _known(doc.uri, known, replay, trust_commits)
-        for key in current_keys & set(live) - {generation_key(doc.doc_id, doc.content_sha256)}:
+        own = generation_key(doc.doc_id, doc.content_sha256)
+        for key in current_keys & set(live) - {own}:
             del live[key]  # another document's current generation now (a doc_id moved to another uri)
+        if own in live and touched.get(own, set()) - {doc.uri}:
+            live[own].state = "partial"  # written under another uri too: its rows may name that uri
         docs.append(_document(doc, known, live, sync_mode))
     seen = {d.uri for d in corpus}
     stale: list[Generation] = []
@@ -99,6 +103,17 @@ def make_plan(corpus: list[Document], manifest: dict[str, DocEntry], replay: Rep
     for d in docs:
         d.old_generations = []
     return Plan(docs=docs, stale=[], leftovers=list(dict.fromkeys(kept)), deleted=deleted, **counts)
+
+
+def _touched_by_uri(replay: Replay | None) -> dict[str, set[str]]:
+    """generation key -> the uris under which the WAL saw it written or deleted. A units file can
+    move a doc_id and its text to another uri and back: the rows then carry whichever uri wrote
+    them last (or are gone), so a generation touched under another uri is checked row by row."""
+    touched: dict[str, set[str]] = {}
+    for uri, gens in (replay.generations.items() if replay else ()):
+        for key in gens:
+            touched.setdefault(key, set()).add(uri)
+    return touched
 
 
 def _same(known: DocEntry, doc: Document) -> bool:

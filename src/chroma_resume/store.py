@@ -40,6 +40,7 @@ SCAN_PAGE = 5000
 SCHEMA_KEY = "chroma_resume:schema_hash"  # the schema_hash the collection was built with
 INCARNATION_KEY = "chroma_resume:incarnation"  # random id set at creation: a manifest names the collection it describes
 WRITING_KEY = "chroma_resume:writing"  # run id of a build that wrote and has not yet recorded a manifest (DESIGN §13)
+RECORDED_KEY = "chroma_resume:recorded"  # run id of the manifest that describes the collection as it is
 SPACE_KEY = "hnsw:space"
 
 
@@ -126,17 +127,22 @@ class Store:
         config = getattr(self.collection, "configuration_json", None) or {}
         space = (config.get("hnsw") or {}).get("space") or meta.get(SPACE_KEY)
         return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": space,
-                "writing": meta.get(WRITING_KEY)}
+                "writing": meta.get(WRITING_KEY), "recorded": meta.get(RECORDED_KEY)}
 
-    def mark_writing(self, run_id: str | None) -> None:
-        """Set (or, with None, clear) the mark saying which run wrote rows that no manifest records yet.
-        Chroma replaces a collection's metadata whole and refuses the hnsw keys in it (the space
-        lives in its configuration), so the rest is carried over as it is."""
+    def mark_writing(self, run_id: str) -> None:
+        """Before a run's first write: rows may now differ from what any manifest records."""
+        self._set_metadata({WRITING_KEY: run_id})
+
+    def mark_recorded(self, run_id: str) -> None:
+        """After the manifest of `run_id` is written: it describes the collection exactly."""
+        self._set_metadata({RECORDED_KEY: run_id, WRITING_KEY: None})
+
+    def _set_metadata(self, changes: dict) -> None:
+        """Chroma replaces a collection's metadata whole and refuses the hnsw keys in it (the space
+        lives in its configuration), so the rest is carried over; a None value drops its key."""
         meta = {k: v for k, v in (self.collection.metadata or {}).items() if not k.startswith("hnsw:")}
-        if run_id is None:
-            meta.pop(WRITING_KEY, None)
-        else:
-            meta[WRITING_KEY] = run_id
+        meta.update(changes)
+        meta = {k: v for k, v in meta.items() if v is not None}
         _retry(self.where, "modify", lambda: self.collection.modify(metadata=meta))
 
     def recreate(self, schema: str, space: str) -> "Store":
