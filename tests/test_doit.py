@@ -68,7 +68,7 @@ def built(project: Path) -> Path:
 
 
 def task_docstrings() -> dict[str, str]:
-    tree = ast.parse((REPO / "dodo.py").read_text())
+    tree = ast.parse((REPO / "src" / "chroma_resume" / "doit_tasks.py").read_text())
     return {node.name[5:].replace("_", "-"): ast.get_docstring(node).splitlines()[0]
             for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("task_")}
 
@@ -112,7 +112,9 @@ def test_verify_passes_after_a_build_and_fails_after_damage(built):
     bad = doit(built, "verify", "--report", "r.json")
     assert bad.returncode != 0
     assert "[FAIL] ids" in bad.stdout and victim in bad.stdout
-    assert {ch["name"] for ch in json.loads((built / "r.json").read_text())["checks"] if not ch["ok"]} == {"count", "ids"}
+    report = json.loads((built / "r.json").read_text())
+    assert (report["ok"], report["exit_code"], report["indexes"]["default"]["exit_code"]) == (False, 1, 1)
+    assert {ch["name"] for ch in report["indexes"]["default"]["checks"] if not ch["ok"]} == {"count", "ids"}
 
 
 def test_doit_build_repairs_what_verify_found(built):
