@@ -146,14 +146,15 @@ def _tasks(command: str, given: dict, run: str = ""):
         error = exc
         return {"basename": command, "actions": [lambda: _refused(command, error)], "uptodate": [False],
                 "verbosity": 2}
+    planned = {index.name or "default": f"{command}:{index.name}" if index.name else command for index in found}
     if found[0].name is None:
-        return {"basename": command, **_task(command, found[0], given, run)}
+        return {"basename": command, **_task(command, found[0], given, (run, planned))}
     return ({"basename": command, "name": index.name, "params": _params(command),
-             "doc": f"{command} index {index.name} ({index.table})", **_task(command, index, given, run)}
+             "doc": f"{command} index {index.name} ({index.table})", **_task(command, index, given, (run, planned))}
             for index in found)
 
 
-def _task(command: str, index: indexes.Index, given: dict, run: str) -> dict:
+def _task(command: str, index: indexes.Index, given: dict, run: tuple[str, dict]) -> dict:
     if command == "build":
         return {"actions": [_action(command, index, given)], "uptodate": [_current(index, given)],
                 "task_dep": list(index.task.get("task-dep", [])), "file_dep": list(index.task.get("file-dep", [])),
@@ -184,8 +185,9 @@ def _action(command: str, index: indexes.Index, given: dict):
     return action
 
 
-def _verify_action(index: indexes.Index, given: dict, run: str):
-    """verify, then its result merged into the run's one JSON report and one JUnit file (gate.py)."""
+def _verify_action(index: indexes.Index, given: dict, run: tuple[str, dict]):
+    """verify, then its result merged into the run's one JSON report and one JUnit file (gate.py).
+    run: this doit run's token and every index's task name."""
     def action(task):
         config_options, extra = _split("verify", _options(given, task))
         for key in ("queries", "top-k", "min-recall"):  # the index table's golden file and threshold
@@ -204,7 +206,7 @@ def _verify_action(index: indexes.Index, given: dict, run: str):
             result = _read(extra.report)
         if any(targets):
             try:
-                gate.record(run, index.name or "default", task.name, code, result, *targets)
+                gate.record(run[0], index.name or "default", code, result, run[1], *targets)
             except ChromaResumeError as exc:
                 return _refused(task.name, exc)
         return _outcome(task.name, code)

@@ -5,7 +5,9 @@ parallel processes (`doit -n 2`), yet CI wants one JUnit file with a test suite 
 report. So each sub-task merges its result into both files when it finishes, under an flock on the
 files' folder (no lock file left behind), written atomically. Every file carries the token of the doit
 run that wrote it: the first sub-task of a new run starts the files afresh, the others add to them, so a
-suite never survives from an earlier run.
+suite never survives from an earlier run. The fresh files list every index of the repository as "not
+run" (a skipped test case), so an index doit never reached (it stops at the first failure unless run
+with --continue) or that was not selected is visible in the report, not silently absent.
 
 The JSON keeps what the CLI's own report holds per index (checks, fix, --deep sample, retrieval scores)
 plus the index's exact exit code (DESIGN §7), which doit's own exit status cannot carry: doit exits 1
@@ -33,36 +35,46 @@ def doit_status(codes: list[int]) -> int:
     return 2 if any(code not in (0, 1) for code in codes) else max(codes, default=0)
 
 
-def record(run: str, index: str, task: str, exit_code: int, result: dict | None,
+def record(run: str, index: str, exit_code: int, result: dict | None, planned: dict[str, str],
            json_path: str | None, junit_path: str | None) -> None:
-    """Merge one index's outcome into the run's JSON report and JUnit file (either may be None)."""
-    entry = {"task": task, "exit_code": exit_code, "meaning": MEANING.get(exit_code, "error"), **(result or {}),
-             "ok": exit_code == 0}
+    """Merge one index's outcome into the run's JSON report and JUnit file (either may be None).
+    planned: index -> task name, every index of the repository (this one included)."""
+    entry = _entry(planned[index], exit_code, result)
     if json_path:
         with _locked(json_path):
-            report = _read_json(json_path, run)
+            report = _read_json(json_path, run, planned)
             report["indexes"][index] = entry
-            codes = [e["exit_code"] for e in report["indexes"].values()]
-            report.update(ok=all(c == 0 for c in codes), exit_code=doit_status(codes))
+            ran = [e["exit_code"] for e in report["indexes"].values() if e["exit_code"] is not None]
+            report.update(ok=all(code == 0 for code in ran), exit_code=doit_status(ran),
+                          not_run=[name for name, e in report["indexes"].items() if e["exit_code"] is None])
             _replace(json_path, json.dumps(report, indent=1, ensure_ascii=False).encode())
     if junit_path:
         with _locked(junit_path):
-            root = _read_junit(junit_path, run)
-            for old in root.findall(f"testsuite[@name='{task}']"):
-                root.remove(old)
-            root.append(_suite(task, index, entry))
+            root = _read_junit(junit_path, run, planned)
+            for position, old in enumerate(root.findall("testsuite")):
+                if old.get("name") == planned[index]:
+                    root.remove(old)
+                    root.insert(position, _suite(planned[index], index, entry))
             _totals(root)
             _replace(junit_path, ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
+def _entry(task: str, exit_code: int | None, result: dict | None) -> dict:
+    meaning = "not run" if exit_code is None else MEANING.get(exit_code, "error")
+    return {"task": task, "exit_code": exit_code, "meaning": meaning, **(result or {}), "ok": exit_code == 0}
+
+
 def _suite(task: str, index: str, entry: dict) -> ET.Element:
     suite = ET.Element("testsuite", name=task)
+    if entry["exit_code"] is None:
+        case = ET.SubElement(suite, "testcase", classname=f"chroma_resume.verify.{index}", name="run")
+        ET.SubElement(case, "skipped", message="not run in this doit run (not selected, or doit stopped first)")
     for check in entry.get("checks", []):
         case = ET.SubElement(suite, "testcase", classname=f"chroma_resume.verify.{index}", name=check["name"])
         if not check["ok"]:
             ET.SubElement(case, "failure", message=check["detail"][:200]).text = (
                 f"{check['detail']}\nfix: {check.get('fix', '')}")
-    if entry["exit_code"] not in (0, 1):  # the index could not be checked: an error, not a failed check
+    if entry["exit_code"] not in (None, 0, 1):  # the index could not be checked: an error, not a failed check
         case = ET.SubElement(suite, "testcase", classname=f"chroma_resume.verify.{index}", name="run")
         ET.SubElement(case, "error", message=f"exit {entry['exit_code']}: {entry['meaning']}").text = (
             f"{task} exited {entry['exit_code']} ({entry['meaning']}); its output names the cause")
@@ -70,15 +82,16 @@ def _suite(task: str, index: str, entry: dict) -> ET.Element:
     suite.set("tests", str(len(cases)))
     suite.set("failures", str(sum(c.find("failure") is not None for c in cases)))
     suite.set("errors", str(sum(c.find("error") is not None for c in cases)))
+    suite.set("skipped", str(sum(c.find("skipped") is not None for c in cases)))
     return suite
 
 
 def _totals(root: ET.Element) -> None:
-    for key in ("tests", "failures", "errors"):
+    for key in ("tests", "failures", "errors", "skipped"):
         root.set(key, str(sum(int(s.get(key, "0")) for s in root.findall("testsuite"))))
 
 
-def _read_json(path: str, run: str) -> dict:
+def _read_json(path: str, run: str, planned: dict[str, str]) -> dict:
     try:
         with open(path, "rb") as fh:
             report = json.loads(fh.read())
@@ -86,17 +99,19 @@ def _read_json(path: str, run: str) -> dict:
             return report
     except (OSError, ValueError):
         pass
-    return {"run": run, "ok": True, "exit_code": 0, "indexes": {}}
+    return {"run": run, "indexes": {index: _entry(task, None, None) for index, task in planned.items()}}
 
 
-def _read_junit(path: str, run: str) -> ET.Element:
+def _read_junit(path: str, run: str, planned: dict[str, str]) -> ET.Element:
     try:
         root = ET.parse(path).getroot()
         if root.tag == "testsuites" and root.get("run") == run:
             return root
     except (OSError, ET.ParseError):
         pass
-    return ET.Element("testsuites", name="chroma-resume verify", run=run)
+    root = ET.Element("testsuites", name="chroma-resume verify", run=run)
+    root.extend(_suite(task, index, _entry(task, None, None)) for index, task in planned.items())
+    return root
 
 
 @contextlib.contextmanager
