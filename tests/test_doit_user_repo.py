@@ -169,6 +169,17 @@ def test_a_users_repository_with_two_indexes(venv, user_repo):
     assert ran(edit) == {"notes": ".", "build:docs": "--", "build:notes": "."}
     assert (summaries(edit)["team-notes"]["changed"], summaries(edit)["team-notes"]["docs_processed"]) == ("1", "1")
 
+    # doit's own commands: clean touches no index, forget makes doit run the build (which finds nothing to do)
+    assert "status     : up-to-date" in doit(python, repo, "info", "build:notes").stdout
+    assert doit(python, repo, "clean", "--forget", "build").returncode == 0
+    assert "status     : run" in doit(python, repo, "info", "build:notes").stdout
+    forgotten = doit(python, repo)
+    assert ran(forgotten) == {"notes": "--", "build:docs": ".", "build:notes": "."}
+    assert [s["docs_processed"] for s in summaries(forgotten).values()] == ["0", "0"]
+    assert ran(doit(python, repo)) == {"notes": "--", "build:docs": "--", "build:notes": "--"}
+    helped = doit(python, repo, "help", "build:docs").stdout
+    assert "--max-length=ARG" in helped and "--wal-fsync=ARG" in helped and "[off|doc|interval]" in helped
+
     # the docs collection deleted by hand: the store proves itself, so doit does not say "-- build:docs"
     chroma(python, repo, "client.delete_collection('docs')")
     again = doit(python, repo, "build:docs")
