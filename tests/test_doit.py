@@ -151,3 +151,14 @@ def test_a_bad_option_fails_the_task_with_exit_2s_message(project):
     assert result.returncode != 0
     assert "invalid collection name 'a'" in result.stderr
     assert not (project / ".chroma").exists()
+
+
+def test_a_broken_table_is_a_task_error_naming_the_table_and_key(project):
+    (project / "pyproject.toml").write_text(PYPROJECT + "\n[tool.chroma-resume.indexes.docs]\nchunk-chars = 'big'\n")
+    listed = doit(project, "list")
+    assert listed.returncode == 0 and "build" in listed.stdout  # doit itself still works
+    result = doit(project, "build")
+    assert result.returncode == 2, result.stdout + result.stderr  # a task error (usage), not a failed check
+    assert "[tool.chroma-resume.indexes.docs] chunk-chars: Expected `int`, got `str`" in result.stderr
+    assert "build: exit 2 (usage or input error)" in result.stdout + result.stderr
+    assert not (project / ".chroma").exists()
