@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from chroma_resume import cli, store
+from chroma_resume.errors import RuntimeFailure
 from chroma_resume.status import up_to_date
 from conftest import run_cli, write_corpus
+from test_server import build_args, server  # noqa: F401  (the `chroma run` fixture)
 
 ARGS = ["--docs", "corpus", "--collection", "test", "--embed-model", "hash:32", "--progress", "off"]
 
@@ -74,3 +76,21 @@ def test_the_embedded_check_reads_chromas_catalogue_without_chromadb_and_falls_b
         raise sqlite3.OperationalError("no such table: collections")  # another Chroma version's catalogue
     monkeypatch.setattr(store, "_catalogue_fingerprint", unreadable)
     assert store.stored_fingerprint(config) == catalogue  # the same answer, through chromadb
+
+
+def test_a_server_collection_proves_itself_through_the_client(tmp_path, server):
+    """A server has no catalogue file to read: the check asks it (one try, no retries), in both directions."""
+    write_corpus(tmp_path / "corpus", 4)
+    args = build_args(server.port)
+    assert run_cli(args, tmp_path).returncode == 0
+    config = cli.resolve_config({"root": str(tmp_path), "docs": "corpus", "collection": "srv", "embed_model": "hash:32",
+                                 "chroma_host": "127.0.0.1", "chroma_port": server.port}, folder=str(tmp_path))
+    assert up_to_date(config)[0]
+    import chromadb
+    chromadb.HttpClient(host="127.0.0.1", port=server.port).delete_collection("srv")
+    assert up_to_date(config) == (False, "collection 'srv' is missing")
+    assert run_cli(args, tmp_path).returncode == 0
+    assert up_to_date(config)[0]
+    server.kill()
+    with pytest.raises(RuntimeFailure):  # doit's check turns this into "run"; the build then reports exit 5
+        store.stored_fingerprint(config)

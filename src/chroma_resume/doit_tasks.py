@@ -166,7 +166,8 @@ def _task(command: str, index: indexes.Index, given: dict, run: tuple[str, dict]
 def _options(given: dict, task) -> dict:
     """The group task's options (creator params) < the sub-task's own (`doit build:docs --opt`)."""
     mine = task.options or {}
-    return {key: mine[key] if mine.get(key) not in (None, False) else given.get(key)
+    unset = [None, False]  # a flag not given is False; 0 is a value (e.g. --min-recall 0)
+    return {key: given.get(key) if any(mine.get(key) is u for u in unset) else mine[key]
             for key in set(given) | set(mine)}
 
 
