@@ -166,9 +166,12 @@ def _task(command: str, index: indexes.Index, given: dict, run: tuple[str, dict]
 def _options(given: dict, task) -> dict:
     """The group task's options (creator params) < the sub-task's own (`doit build:docs --opt`)."""
     mine = task.options or {}
-    unset = [None, False]  # a flag not given is False; 0 is a value (e.g. --min-recall 0)
-    return {key: given.get(key) if any(mine.get(key) is u for u in unset) else mine[key]
-            for key in set(given) | set(mine)}
+    return {key: given.get(key) if _unset(mine.get(key)) else mine[key] for key in set(given) | set(mine)}
+
+
+def _unset(value) -> bool:
+    """None, or a flag left False; 0 is a value (`--min-recall 0`, `--seed 0`)."""
+    return value is None or value is False
 
 
 def _split(command: str, options: dict) -> tuple[dict, SimpleNamespace]:
