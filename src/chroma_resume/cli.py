@@ -285,12 +285,9 @@ def _gate_defaults(args) -> None:
     """verify's --queries/--top-k/--min-recall default to the index's table (as under doit)."""
     from . import indexes
     try:
-        task = indexes.find(".", args.index).task
+        indexes.gate_defaults(indexes.find(".", args.index), args)
     except ChromaResumeError:
         return  # run() reports it with its exit code
-    for key in ("queries", "top-k", "min-recall"):
-        if getattr(args, key.replace("-", "_")) is None and key in task:
-            setattr(args, key.replace("-", "_"), task[key])
 
 
 if __name__ == "__main__":

@@ -194,9 +194,7 @@ def _verify_action(index: indexes.Index, given: dict, run: tuple[str, dict]):
     run: this doit run's token and every index's task name."""
     def action(task):
         config_options, extra = _split("verify", _options(given, task))
-        for key in ("queries", "top-k", "min-recall"):  # the index table's golden file and threshold
-            if getattr(extra, key.replace("-", "_")) is None and key in index.task:
-                setattr(extra, key.replace("-", "_"), index.task[key])
+        indexes.gate_defaults(index, extra)  # the index table's golden file and threshold
         targets = (extra.report, extra.junit)
         try:
             from .verify import prepare_output

@@ -164,3 +164,10 @@ def fingerprints_sharing_cache(c: cfg.Config, folder: str = ".") -> list[str]:
     from .embedding import model_fingerprint
     found = [resolve(index, {}) for index in load(folder)]
     return sorted({model_fingerprint(o) for o in found if o.embed_cache != "off" and cache_path(o) == cache_path(c)})
+
+
+def gate_defaults(index: Index, args) -> None:
+    """verify's --queries/--top-k/--min-recall, where not given, from the index's table (CLI and doit alike)."""
+    for key in ("queries", "top-k", "min-recall"):
+        if getattr(args, key.replace("-", "_"), None) is None and key in index.task:
+            setattr(args, key.replace("-", "_"), index.task[key])
