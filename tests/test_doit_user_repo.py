@@ -202,6 +202,11 @@ def test_a_users_repository_with_two_indexes(venv, user_repo):
     report = json.loads((repo / "reports" / "verify.json").read_text())
     assert {name: entry["exit_code"] for name, entry in report["indexes"].items()} == {"docs": 1, "notes": 0}
     assert (report["exit_code"], report["not_run"]) == (1, [])
+    # an option given to the group task reaches every index
+    options = doit(python, repo, "build", "--chunk-chars", "500")
+    assert ran(options) == {"notes": "--", "build:docs": ".", "build:notes": "."}
+    assert options.stdout.count("chunk_chars=500") == 2
+
     # an index that cannot be checked at all is a task error: doit's exit 2, the index's own code in the report
     usage = doit(python, repo, "verify:docs", "--queries", "missing.jsonl", "--report", "reports/usage.json")
     assert usage.returncode == 2, usage.stdout + usage.stderr
