@@ -1,8 +1,9 @@
 """`chroma-resume build|resume-status|verify|clean-wal`: parse options, call the package.
 
 Option values come from three layers, last wins: built-in defaults (Config),
-the `[tool.chroma-resume]` table of ./pyproject.toml, the command line. dodo.py
-uses the same OPTIONS table and `resolve_config`, so every face agrees.
+the `[tool.chroma-resume]` table of ./pyproject.toml (or an index's table, `--index NAME`),
+the command line. The doit tasks (doit_tasks.py) use the same OPTIONS table and `resolve_config`,
+so every face agrees.
 """
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def cmd_cache_stats(c: cfg.Config, args) -> int:
 def cmd_cache_prune(c: cfg.Config, args) -> int:
     from .cache import cache_prune
     from .indexes import fingerprints_sharing_cache
-    kept = fingerprints_sharing_cache(c)
+    kept = fingerprints_sharing_cache(c) if args.keep == "current" else []
     for key, value in cache_prune(c, keep=args.keep, older_than_days=args.older_than_days, also_keep=kept).items():
         print(f"{key}={value}")
     return 0
