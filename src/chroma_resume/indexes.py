@@ -159,9 +159,8 @@ def _refuse_shared_collections(found: list[Index]) -> None:
 
 
 def fingerprints_sharing_cache(c: cfg.Config, folder: str = ".") -> list[str]:
-    """The model fingerprints of every index of the repository whose embedding cache is c's file.
-    An index whose model cannot be identified (a hub id not downloaded) stops the prune (exit 2):
-    pruning must not guess which vectors another index still needs."""
+    """The model fingerprints of every index of the repository whose embedding cache is c's file
+    (computed from the models' files, no model loaded)."""
     from .cache import cache_path
     from .embedding import model_fingerprint
     found = [resolve(index, {}) for index in load(folder)]
