@@ -69,7 +69,7 @@ def built(project: Path) -> Path:
 
 
 def task_docstrings() -> dict[str, str]:
-    tree = ast.parse((REPO / "dodo.py").read_text())
+    tree = ast.parse((REPO / "src" / "chroma_resume" / "doit_tasks.py").read_text())
     return {node.name[5:].replace("_", "-"): ast.get_docstring(node).splitlines()[0]
             for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("task_")}
 
@@ -113,7 +113,9 @@ def test_verify_passes_after_a_build_and_fails_after_damage(built):
     bad = doit(built, "verify", "--report", "r.json")
     assert bad.returncode != 0
     assert "[FAIL] ids" in bad.stdout and victim in bad.stdout
-    assert {ch["name"] for ch in json.loads((built / "r.json").read_text())["checks"] if not ch["ok"]} == {"count", "ids"}
+    report = json.loads((built / "r.json").read_text())
+    assert (report["ok"], report["exit_code"], report["indexes"]["default"]["exit_code"]) == (False, 1, 1)
+    assert {ch["name"] for ch in report["indexes"]["default"]["checks"] if not ch["ok"]} == {"count", "ids"}
 
 
 def test_doit_build_repairs_what_verify_found(built):
@@ -149,4 +151,15 @@ def test_a_bad_option_fails_the_task_with_exit_2s_message(project):
     result = doit(project, "build", "--collection", "a")
     assert result.returncode != 0
     assert "invalid collection name 'a'" in result.stderr
+    assert not (project / ".chroma").exists()
+
+
+def test_a_broken_table_is_a_task_error_naming_the_table_and_key(project):
+    (project / "pyproject.toml").write_text(PYPROJECT + "\n[tool.chroma-resume.indexes.docs]\nchunk-chars = 'big'\n")
+    listed = doit(project, "list")
+    assert listed.returncode == 0 and "build" in listed.stdout  # doit itself still works
+    result = doit(project, "build")
+    assert result.returncode == 2, result.stdout + result.stderr  # a task error (usage), not a failed check
+    assert "[tool.chroma-resume.indexes.docs] chunk-chars: Expected `int`, got `str`" in result.stderr
+    assert "build: exit 2 (usage or input error)" in result.stdout + result.stderr
     assert not (project / ".chroma").exists()

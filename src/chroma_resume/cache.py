@@ -231,9 +231,11 @@ def cache_stats(c: Config) -> dict:
             "entries_per_fingerprint": per_model, "oldest_use": _iso(oldest), "newest_use": _iso(newest)}
 
 
-def cache_prune(c: Config, *, keep: str = "current", older_than_days: float | None = None) -> dict:
+def cache_prune(c: Config, *, keep: str = "current", older_than_days: float | None = None,
+                also_keep: Sequence[str] = ()) -> dict:
     """Drop the entries of other model fingerprints (keep="current") and/or those unused for
-    older_than_days, then VACUUM so the file shrinks."""
+    older_than_days, then VACUUM so the file shrinks. also_keep: fingerprints of the other indexes
+    that share this cache file (pruning for one index must not empty another's)."""
     from .embedding import model_fingerprint
     if keep not in ("current", "all"):
         raise UsageError(f"--keep {keep!r}: expected current or all")
@@ -244,8 +246,9 @@ def cache_prune(c: Config, *, keep: str = "current", older_than_days: float | No
         return {"path": path, "removed": 0, "entries": 0, "bytes_before": 0, "bytes_after": 0}
     doomed, params = [], []
     if keep == "current":
-        doomed.append("model NOT IN (SELECT id FROM models WHERE fingerprint = ?)")
-        params.append(model_fingerprint(c))
+        kept = sorted({model_fingerprint(c), *also_keep})
+        doomed.append(f"model NOT IN (SELECT id FROM models WHERE fingerprint IN ({', '.join('?' * len(kept))}))")
+        params += kept
     if older_than_days is not None:
         doomed.append("last_used < ?")
         params.append(time.time() - older_than_days * 86400)

@@ -1,16 +1,15 @@
 """`chroma-resume build|resume-status|verify|clean-wal`: parse options, call the package.
 
 Option values come from three layers, last wins: built-in defaults (Config),
-the `[tool.chroma-resume]` table of ./pyproject.toml, the command line. dodo.py
-uses the same OPTIONS table and `resolve_config`, so every face agrees.
+the `[tool.chroma-resume]` table of ./pyproject.toml (or an index's table, `--index NAME`),
+the command line. The doit tasks (doit_tasks.py) use the same OPTIONS table and `resolve_config`,
+so every face agrees.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tomllib
 
 from . import config as cfg
 from . import models, schema
@@ -77,32 +76,10 @@ def parse_bool(value) -> bool:
     raise cfg.UsageError(f"expected true or false, got {value!r}")
 
 
-def project_defaults(folder: str = ".") -> dict:
-    """The `[tool.chroma-resume]` table of folder/pyproject.toml, if any."""
-    location = os.path.join(folder, "pyproject.toml")
-    try:
-        with open(location, "rb") as fh:
-            table = tomllib.load(fh).get("tool", {}).get("chroma-resume", {})
-    except FileNotFoundError:
-        return {}
-    except tomllib.TOMLDecodeError as exc:
-        raise cfg.UsageError(f"{location}: {exc}") from None
-    known = {name for name, _, _ in OPTIONS}
-    unknown = set(table) - known
-    if unknown:
-        raise cfg.UsageError(f"{location} [tool.chroma-resume]: unknown key(s) {', '.join(sorted(unknown))}")
-    return table
-
-
-def resolve_config(given: dict, folder: str = ".") -> cfg.Config:
-    """Defaults < pyproject table < given options (None = not given)."""
-    merged = {**project_defaults(folder), **{k.replace("_", "-"): v for k, v in given.items() if v is not None}}
-    if "wal" in merged:
-        merged["wal"] = parse_bool(merged["wal"])
-    for name, kind, _ in OPTIONS:
-        if kind == "bool" and name in merged:
-            merged[name] = parse_bool(merged[name])
-    return cfg.make_config(**merged)
+def resolve_config(given: dict, folder: str = ".", index: str | None = None) -> cfg.Config:
+    """Defaults < the pyproject table (the index's tables, see indexes.py) < given options (None = not given)."""
+    from . import indexes
+    return indexes.resolve(indexes.find(folder, index), given)
 
 
 def describe(c: cfg.Config) -> str:
@@ -167,7 +144,12 @@ def cmd_verify(c: cfg.Config, args) -> int:
     outputs = [(cfg.path(c, target), write) for target, write in given if target]
     for target, _ in outputs:  # a bad path fails now (exit 2), not after the audit
         prepare_output(target)
+    questions = _golden_questions(c, args)
     result = verify(c, fresh=args.fresh, deep=deep)
+    if questions:
+        from .retrieval import evaluate
+        result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall)
+        result.checks.append(check)
     for check in result.checks:
         print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
         if check.fix:
@@ -185,6 +167,23 @@ def cmd_verify(c: cfg.Config, args) -> int:
     return 1
 
 
+def _golden_questions(c: cfg.Config, args) -> list:
+    """verify --queries FILE.jsonl (with --top-k, --min-recall): read and checked before the audit."""
+    if getattr(args, "queries", None) is None:
+        for name in ("top_k", "min_recall"):
+            if getattr(args, name, None) is not None:
+                raise cfg.UsageError(f"--{name.replace('_', '-')} goes with --queries FILE.jsonl")
+        return []
+    from .retrieval import DEFAULT_TOP_K, load_questions
+    if args.top_k is None:
+        args.top_k = DEFAULT_TOP_K
+    if args.min_recall is None:
+        args.min_recall = 0.0
+    if args.top_k < 1 or not 0.0 <= args.min_recall <= 1.0:
+        raise cfg.UsageError("--top-k must be at least 1 and --min-recall between 0 and 1")
+    return load_questions(cfg.path(c, args.queries))
+
+
 def cmd_clean_wal(c: cfg.Config, args) -> int:
     from .clean import clean_wal
     print(clean_wal(c, force=args.force, archive=args.archive))
@@ -200,7 +199,9 @@ def cmd_cache_stats(c: cfg.Config, args) -> int:
 
 def cmd_cache_prune(c: cfg.Config, args) -> int:
     from .cache import cache_prune
-    for key, value in cache_prune(c, keep=args.keep, older_than_days=args.older_than_days).items():
+    from .indexes import fingerprints_sharing_cache
+    kept = fingerprints_sharing_cache(c) if args.keep == "current" else []
+    for key, value in cache_prune(c, keep=args.keep, older_than_days=args.older_than_days, also_keep=kept).items():
         print(f"{key}={value}")
     return 0
 
@@ -244,6 +245,10 @@ def parser() -> argparse.ArgumentParser:
                                                              "stored vectors and check Chroma finds each one")
             sub.add_argument("--seed", type=int, help="seed of the --deep sample (default 0)")
             sub.add_argument("--tolerance", type=float, help="least cosine of a re-embedded chunk (default 0.999)")
+            sub.add_argument("--queries", metavar="FILE.jsonl", help="golden questions: report recall@k and MRR")
+            sub.add_argument("--top-k", type=int, metavar="K", help="hits per golden question (default 5)")
+            sub.add_argument("--min-recall", type=float, metavar="R",
+                             help="fail when recall@k of the golden questions is below R (default 0: report only)")
         if name == "clean-wal":
             sub.add_argument("--force", action="store_true", help="also remove an unfinished run's WAL")
             sub.add_argument("--archive", metavar="DIR", help="gzip the WAL into DIR instead of deleting it")
@@ -251,13 +256,14 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--keep", choices=("current", "all"), default="current",
                              help="current: only this model fingerprint's entries (default); all: every model's")
             sub.add_argument("--older-than-days", type=float, metavar="N", help="also drop entries unused for N days")
+        sub.add_argument("--index", metavar="NAME", help="which [tool.chroma-resume.indexes.NAME] table to use")
     return top
 
 
-def run(command: str, options: dict, extra) -> int:
-    """Shared by the CLI and dodo.py: resolve the config, show it, run the command."""
+def run(command: str, options: dict, extra, index: str | None = None) -> int:
+    """Shared by the CLI and the doit tasks: resolve the config, show it, run the command."""
     try:
-        c = resolve_config(options)
+        c = resolve_config(options, index=index)
         machine_output = getattr(extra, "json", False)  # keep stdout one JSON object
         print(describe(c), file=sys.stderr if machine_output else sys.stdout, flush=True)
         return COMMANDS[command][0](c, extra)
@@ -272,7 +278,18 @@ def run(command: str, options: dict, extra) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     options = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in OPTIONS}
-    return run(args.command, options, args)
+    if args.command == "verify":
+        _gate_defaults(args)
+    return run(args.command, options, args, args.index)
+
+
+def _gate_defaults(args) -> None:
+    """verify's --queries/--top-k/--min-recall default to the index's table (as under doit)."""
+    from . import indexes
+    try:
+        indexes.gate_defaults(indexes.find(".", args.index), args)
+    except ChromaResumeError:
+        return  # run() reports it with its exit code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Read-only report: what the state, the manifest and the WAL say, and what a build would do.
 
-Loads no model, imports no chromadb, takes no lock, creates and changes no file.
+Loads no model, imports no chromadb, takes no lock, creates and changes no file. `up_to_date`
+(doit's check) also reads the collection's fingerprint: from Chroma's catalogue file for an
+embedded store, through the client (so chromadb) for a server.
 """
 from __future__ import annotations
 
@@ -90,10 +92,11 @@ def _samples(replay: wal.Replay | None, manifest: state.Manifest | None) -> list
 
 
 def up_to_date(c: Config) -> tuple[bool, str]:
-    """True when a build would have nothing to do: manifest current, no WAL, corpus unchanged.
+    """True when a build would have nothing to do: manifest current, no WAL, the collection the
+    manifest describes (its fingerprint and incarnation, DESIGN §13), corpus unchanged.
 
-    Costs one read and hash per document and opens no database, so `doit build` on every
-    push is nearly free."""
+    Costs one read and hash per document and one read of Chroma's catalogue (no chromadb import for an
+    embedded store; a server is asked through the client), so `doit build` on every push is nearly free."""
     from . import corpus
     from .reporting import Warnings
 
@@ -112,6 +115,12 @@ def up_to_date(c: Config) -> tuple[bool, str]:
         return False, "the Chroma folder is missing"
     if store.damaged_files(c):
         return False, "the Chroma folder may be damaged"
+    found = store.stored_fingerprint(c)
+    if found is None:
+        return False, f"collection {c.collection!r} is missing"
+    if found["schema_hash"] != manifest.schema_hash or found["incarnation"] != manifest.incarnation:
+        return False, (f"collection {c.collection!r} is not the one the manifest describes (reset or recreated: "
+                       f"incarnation {found['incarnation']}, manifest {manifest.incarnation})")
     if manifest.leftovers and c.sync_mode != "none":
         return False, "old generations left by --sync-mode none are to be deleted"
     with open(os.devnull, "w") as quiet:

@@ -7,12 +7,15 @@ duplicate id) stops it at once: no retry can change the answer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from urllib.parse import quote
 
 from . import config as cfg
 from . import failpoints
@@ -233,6 +236,46 @@ def damaged_files(c: Config) -> list[str]:
         found += [os.path.join(folder, n) for n in files if n in _NEVER_EMPTY
                   and os.path.getsize(os.path.join(folder, n)) == 0]
     return sorted(found)
+
+
+def stored_fingerprint(c: Config) -> dict | None:
+    """The collection's fingerprint ({schema_hash, incarnation, space}), None when it does not exist:
+    what doit's up-to-date check compares with the manifest (DESIGN §13, "the store proves itself").
+
+    An embedded store is read straight from Chroma's own sqlite catalogue (read-only, a few ms): the
+    check runs on every `doit` and importing chromadb costs more than the whole check. A server, or a
+    catalogue this code cannot read (another Chroma version, a locked or damaged file), goes through
+    the client, tried once: an unreachable store is the build's to report, not this check's."""
+    if not c.chroma_host:
+        try:
+            return _catalogue_fingerprint(c)
+        except sqlite3.Error:
+            pass
+    import msgspec
+    db = open_store(msgspec.structs.replace(c, retry_for=0.0))
+    return None if db is None else db.fingerprint()
+
+
+_CATALOGUE = """
+SELECT m.key, m.str_value FROM collections AS col
+JOIN databases AS d ON d.id = col.database_id
+LEFT JOIN collection_metadata AS m ON m.collection_id = col.id
+WHERE col.name = ? AND d.name = ? AND d.tenant_id = ?
+"""
+
+
+def _catalogue_fingerprint(c: Config) -> dict | None:
+    """Chroma 1.x's catalogue tables (collections, databases, collection_metadata), opened read-only."""
+    location = os.path.join(cfg.path(c, c.db), "chroma.sqlite3")
+    if not os.path.exists(location):
+        return None
+    scope = (c.collection, c.chroma_database or "default_database", c.chroma_tenant or "default_tenant")
+    with contextlib.closing(sqlite3.connect(f"file:{quote(location)}?mode=ro", uri=True, timeout=1.0)) as db:
+        rows = db.execute(_CATALOGUE, scope).fetchall()
+    if not rows:
+        return None
+    meta = {key: value for key, value in rows if key is not None}
+    return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": meta.get(SPACE_KEY)}
 
 
 class Endpoint(str):

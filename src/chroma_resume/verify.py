@@ -73,6 +73,7 @@ class VerifyResult(msgspec.Struct):
     checks: list[Check]
     deep: Deep | None = None
     sample: list[str] = []  # the ids --deep re-embedded and looked up
+    retrieval: msgspec.Struct | None = None  # `--queries`: retrieval.Retrieval (recall@k, MRR)
 
     @property
     def ok(self) -> bool:
@@ -375,7 +376,8 @@ def prepare_output(path: str) -> None:
 
 def write_report(result: VerifyResult, path: str) -> None:
     body = {"ok": result.ok, "fix": result.fix, "checks": msgspec.to_builtins(result.checks),
-            "deep": msgspec.to_builtins(result.deep), "sample": result.sample}
+            "deep": msgspec.to_builtins(result.deep), "sample": result.sample,
+            "retrieval": msgspec.to_builtins(result.retrieval)}
     _write(path, json.dumps(body, indent=1).encode())
 
 
