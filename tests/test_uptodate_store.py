@@ -57,6 +57,21 @@ def test_a_missing_or_foreign_collection_is_not_up_to_date_until_rebuilt(built):
     assert up_to_date(config)[0]
 
 
+def test_writes_no_record_covers_are_not_up_to_date_until_a_build_audits_them(built):
+    """--write-state false leaves the corpus and the manifest agreeing, but the collection holds what
+    that run wrote: the collection's own marks say no manifest covers it."""
+    root, config = built
+    (root / "corpus" / "doc0001.md").write_text("an edit built without a manifest\n")
+    assert run_cli(["build", *ARGS, "--write-state", "false"], root).returncode == 0
+    (root / "corpus" / "doc0001.md").unlink()
+    write_corpus(root / "corpus", 6)  # the corpus the manifest describes, again
+    current, reason = up_to_date(config)
+    assert not current and "no record covers the collection's last writes" in reason
+    audited = run_cli(["build", *ARGS], root)
+    assert audited.returncode == 0 and "key=audit_unrecorded_writes" in audited.stderr
+    assert up_to_date(config) == (True, "corpus unchanged")
+
+
 def test_the_embedded_check_reads_chromas_catalogue_without_chromadb_and_falls_back_to_the_client(built, monkeypatch):
     """The check runs on every `doit`: importing chromadb would cost more than the check itself."""
     root, config = built
@@ -69,7 +84,8 @@ def test_the_embedded_check_reads_chromas_catalogue_without_chromadb_and_falls_b
     out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.split() == ["False", "False", "False"]  # and the package never imports doit itself
     catalogue = store.stored_fingerprint(config)
-    assert set(catalogue) == {"schema_hash", "incarnation", "space"} and catalogue["space"] == "cosine"
+    assert set(catalogue) == {"schema_hash", "incarnation", "space", "writing", "recorded"}
+    assert catalogue["space"] == "cosine" and catalogue["writing"] is None and catalogue["recorded"]
     import sqlite3
 
     def unreadable(c):

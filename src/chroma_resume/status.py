@@ -121,6 +121,10 @@ def up_to_date(c: Config) -> tuple[bool, str]:
     if found["schema_hash"] != manifest.schema_hash or found["incarnation"] != manifest.incarnation:
         return False, (f"collection {c.collection!r} is not the one the manifest describes (reset or recreated: "
                        f"incarnation {found['incarnation']}, manifest {manifest.incarnation})")
+    if found["writing"] is not None or found["recorded"] != manifest.last_build.get("run_id"):
+        return False, (f"no record covers the collection's last writes (written by run {found['writing'] or 'none'}, "
+                       f"recorded by {found['recorded'] or 'none'}, manifest of run "
+                       f"{manifest.last_build.get('run_id') or 'none'}): a build audits it")
     if manifest.leftovers and c.sync_mode != "none":
         return False, "old generations left by --sync-mode none are to be deleted"
     with open(os.devnull, "w") as quiet:

@@ -239,7 +239,7 @@ def damaged_files(c: Config) -> list[str]:
 
 
 def stored_fingerprint(c: Config) -> dict | None:
-    """The collection's fingerprint ({schema_hash, incarnation, space}), None when it does not exist:
+    """The collection's fingerprint (as Store.fingerprint gives it), None when it does not exist:
     what doit's up-to-date check compares with the manifest (DESIGN §13, "the store proves itself").
 
     An embedded store is read straight from Chroma's own sqlite catalogue (read-only, a few ms): the
@@ -275,7 +275,8 @@ def _catalogue_fingerprint(c: Config) -> dict | None:
     if not rows:
         return None
     meta = {key: value for key, value in rows if key is not None}
-    return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": meta.get(SPACE_KEY)}
+    return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": meta.get(SPACE_KEY),
+            "writing": meta.get(WRITING_KEY), "recorded": meta.get(RECORDED_KEY)}
 
 
 class Endpoint(str):
