@@ -96,7 +96,10 @@ class _Run:
         c, p = self.c, self.p
         manifest = state.load_manifest(p["manifest"])
         replay = wal.read(p["wal"])
-        self._readable_store()
+        # An unclean end (a WAL whose run wrote no manifest) may have left Chroma's index files behind its sqlite.
+        unclean = replay is not None and not (replay.finished_ok and manifest is not None and replay.start is not None
+                                              and manifest.last_build.get("run_id") == replay.start.run_id)
+        self._readable_store(deep=unclean or c.store_check == "deep")
         self.db = db = self._collection()
         incarnation = db.fingerprint()["incarnation"]
         if manifest is not None and manifest.incarnation != incarnation:  # not its path: a moved folder is the same
@@ -127,13 +130,20 @@ class _Run:
         finally:
             self.source.close()
 
-    def _readable_store(self) -> None:
+    def _readable_store(self, deep: bool) -> None:
         """A store whose files cannot be read is set aside and rebuilt (embedded, --on-store-corrupt
         rebuild): the manifest then names a collection that is gone, so every document is planned
-        again, and the embedding cache pays for the vectors. A server's store is only reported."""
+        again, and the embedding cache pays for the vectors. A server's store is only reported.
+        `deep` after an unclean end (a WAL whose run left no manifest): a power cut may have
+        reverted Chroma's index files behind a readable chroma.sqlite3 (store.check_deep)."""
         c = self.c
         try:
-            store.probe(c)
+            if deep and not c.chroma_host:
+                rows = store.check_deep(c)
+                print(f"[STORE] checked deeply (unclean end or --store-check deep): {rows} rows, each with its "
+                      f"vector, the vector index agrees", file=self.out, flush=True)
+            else:
+                store.probe(c)
         except StoreCorrupt as exc:
             if c.chroma_host or c.on_store_corrupt == "fail":
                 raise StoreCorrupt(f"{exc}. {STORE_FIX if not c.chroma_host else 'Repair or restore the server.'}") \
