@@ -131,7 +131,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     # chroma.sqlite3 moved on. Every file reads; only the deep check after the unclean end sees
     # rows without vectors; the store is set aside and rebuilt from the embedding cache.
     Scenario("stale-index", "power cut reverts Chroma's index files behind chroma.sqlite3 during a refresh",
-             start="mix", docs=600, build_args=("--sync-mode", "delete-stale"), damage=("stalehnsw",),
+             start="mix", docs=600, build_args=("--sync-mode", "delete-stale", "--upsert-batch", "256"),
+             damage=("stalehnsw",),
              points=("build.reconcile", "wal.after_append:RUN_FINISH", "manifest.before_replace"), default_rows=2),
     Scenario("unreadable-after-crash", "unchanged documents become a FIFO and a broken symlink before the "
              "resume: skipped, not deleted", start="mix", change="unreadable", default_rows=3),
