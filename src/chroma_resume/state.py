@@ -162,17 +162,22 @@ def atomic_write(path: str, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(folder)
     except OSError as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def fsync_dir(folder: str) -> None:
+    """Make the names in `folder` durable (a created, renamed or removed file); raises OSError."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 # ---- writer lock ----------------------------------------------------------------------
@@ -203,8 +208,13 @@ class WriterLock:
             os.close(self.fd)
             raise _lock_error(self.path, exc) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "started_at": now_iso()}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        try:  # a flaky or full filesystem can fail these too: exit 5 with the cause, never a traceback
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        except OSError as exc:
+            os.close(self.fd)  # releases the flock just taken
+            self.fd = -1
+            raise _lock_error(self.path, exc) from None
         failpoints.fire("lock.acquired")
         return self
 
