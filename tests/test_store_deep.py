@@ -114,6 +114,9 @@ def test_verify_and_repair_name_a_stale_index_broken(stages, tmp_path):
     root = copy_of(stages, tmp_path)
     assert build(root).returncode == 0
     assert revert_index(root, stages["older"])
+    status = run_cli(["resume-status", *FAST], cwd=root)
+    assert status.returncode == 0 and "store_files_ok=true" in status.stdout  # every file reads...
+    assert "store_index_ok=false" in status.stdout and "rows without a vector" in status.stdout  # ...yet
     verify = run_cli(["verify", *FAST], cwd=root, timeout=60)
     out = verify.stdout + verify.stderr
     assert verify.returncode == 1 and "[FAIL] store" in verify.stdout and "disagrees with its rows" in out
@@ -122,6 +125,7 @@ def test_verify_and_repair_name_a_stale_index_broken(stages, tmp_path):
     assert repair.returncode == 0, repair.stdout + repair.stderr
     assert "[REPAIR] store broken: set aside at" in repair.stdout and "chunks_embedded=0" in repair.stdout
     assert collection_rows(root / ".chroma", "test") == collection_rows(stages["golden"] / ".chroma", "test")
+    assert "store_index_ok=true" in run_cli(["resume-status", *FAST], cwd=root).stdout
     sound = run_cli(["repair", *FAST], cwd=root)
     assert sound.returncode == 0 and "[REPAIR] store sound (checked deeply)" in sound.stdout
 

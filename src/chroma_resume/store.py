@@ -262,6 +262,34 @@ def check_index(c: Config) -> Store | None:
     return db
 
 
+def stale_index(c: Config) -> str:
+    """index_disagreement for the config's collection without opening Chroma (resume-status imports
+    no chromadb): the collection found by name in chroma.sqlite3, read-only. "" when they agree,
+    when there is no such embedded collection, or when the layout is not one this knows."""
+    db_file = os.path.join(cfg.path(c, c.db), "chroma.sqlite3")
+    if c.chroma_host or not os.path.exists(db_file):
+        return ""
+    try:
+        with contextlib.closing(_read_only(db_file)) as con:
+            found = con.execute("SELECT c.id FROM collections c JOIN databases d ON c.database_id = d.id "
+                                "WHERE c.name = ? AND d.name = ? AND d.tenant_id = ?",
+                                (c.collection, c.chroma_database or "default_database",
+                                 c.chroma_tenant or "default_tenant")).fetchone()
+    except sqlite3.OperationalError:
+        return ""
+    except sqlite3.DatabaseError as exc:
+        return f"cannot read {db_file}: {exc}"
+    try:
+        return index_disagreement(cfg.path(c, c.db), found[0]) if found else ""
+    except StoreCorrupt as exc:  # reported, not raised: status only describes
+        return str(exc)
+
+
+def _read_only(db_file: str) -> sqlite3.Connection:
+    """A connection that writes nothing (no journal, no -wal) to Chroma's database."""
+    return sqlite3.connect(f"file:{urllib.parse.quote(db_file)}?mode=ro", uri=True)
+
+
 def index_disagreement(root: str, collection_id: str) -> str:
     """What separates the ids the collection's vector index will hold once Chroma has replayed its
     log from the ids of its rows ("" when they agree), read from chroma.sqlite3 (read-only) and
@@ -271,7 +299,7 @@ def index_disagreement(root: str, collection_id: str) -> str:
     the row-by-row read in check_deep still runs."""
     db_file = os.path.join(root, "chroma.sqlite3")
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(db_file)}?mode=ro", uri=True)) as con:
+        with contextlib.closing(_read_only(db_file)) as con:
             segments = con.execute("SELECT id, scope, type FROM segments WHERE collection = ?",
                                    (collection_id,)).fetchall()
             scopes = {scope: (sid, kind) for sid, scope, kind in segments}
