@@ -46,7 +46,7 @@ def _archive(path: str, target: str) -> None:
     try:
         if not os.path.isdir(folder):
             os.makedirs(folder)
-            state.fsync_dir(os.path.dirname(folder))  # the new folder's own name
+            wal.fsync_dir(os.path.dirname(folder))  # the new folder's own name
         with open(path, "rb") as src:
             data = gzip.compress(src.read(), mtime=0)
     except OSError as exc:
@@ -57,6 +57,6 @@ def _archive(path: str, target: str) -> None:
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
-        state.fsync_dir(os.path.dirname(path))
+        wal.fsync_dir(os.path.dirname(path))
     except OSError as exc:
         raise RuntimeFailure(f"cannot remove {path}: {exc.strerror or exc}") from None

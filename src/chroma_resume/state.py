@@ -16,7 +16,7 @@ import socket
 import msgspec
 
 from . import config as cfg
-from . import failpoints
+from . import failpoints, wal
 from .errors import ChromaResumeError, LockHeld, RuntimeFailure, UsageError
 
 WAL_NAME = "index_state.stage.jsonl"
@@ -162,22 +162,13 @@ def atomic_write(path: str, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        fsync_dir(folder)
+        wal.fsync_dir(folder)
     except OSError as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def fsync_dir(folder: str) -> None:
-    """Make the names in `folder` durable (a created, renamed or removed file); raises OSError."""
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # ---- writer lock ----------------------------------------------------------------------
