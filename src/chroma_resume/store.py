@@ -227,8 +227,8 @@ SHOW_IDS = 3  # ids named in a message
 def check_deep(c: Config) -> int:
     """Prove an embedded store before a build trusts it after an unclean end: the vector index
     holds exactly the rows' ids (`index_disagreement`, read from the files: exact and cheap),
-    and Chroma hands back a vector of the collection's dimension for every row (the files may
-    be intact and still unreadable to it). Raises StoreCorrupt naming what is wrong; returns
+    and Chroma hands back a vector, all of one dimension, for every row (the files may be intact
+    and still unreadable to it). Raises StoreCorrupt naming what is wrong; returns
     the rows checked. A server's store is the server's to keep: only probed."""
     if failpoints.enabled("bug.shallow_store_check"):  # planted bug: trust what merely opens
         probe(c)
@@ -295,8 +295,8 @@ def index_disagreement(root: str, collection_id: str) -> str:
     log from the ids of its rows ("" when they agree), read from chroma.sqlite3 (read-only) and
     the index's id map. Chroma replays into each segment the log records past that segment's
     max_seq_id, so both sides are taken from their files and brought forward by the log.
-    A layout this chromadb does not write (another segment type, no such tables) is not judged:
-    the row-by-row read in check_deep still runs."""
+    A layout this chromadb does not write (another segment type, no such tables), or a file SQLite
+    cannot read just now, is not judged: the row-by-row read in check_deep still runs."""
     db_file = os.path.join(root, "chroma.sqlite3")
     try:
         with contextlib.closing(_read_only(db_file)) as con:
@@ -309,11 +309,9 @@ def index_disagreement(root: str, collection_id: str) -> str:
             rows = {r for (r,) in con.execute("SELECT embedding_id FROM embeddings WHERE segment_id = ?", (rows_seg,))}
             held = _hnsw_ids(os.path.join(root, index_seg))
             rows, held = (_replayed(con, collection_id, ids, seg) for ids, seg in ((rows, rows_seg), (held, index_seg)))
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return ""
-        raise StoreCorrupt(f"cannot read {db_file}: {exc}") from None
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.OperationalError:  # no such table, locked, an I/O error: no judgement (never a set-aside)
+        return ""
+    except sqlite3.DatabaseError as exc:  # malformed, not a database
         raise StoreCorrupt(f"cannot read {db_file}: {exc}") from None
     missing, extra = sorted(rows - held), sorted(held - rows)
     parts = [f"{len(ids)} {what} (e.g. {', '.join(ids[:SHOW_IDS])})"
