@@ -182,7 +182,7 @@ class _Attempt:
     """The mutable state of one row while its runs happen."""
 
     def __init__(self, plan: RowPlan, start: Path, folder: Path, gold: Golden):
-        self.plan, self.s, self.gold = plan, SCENARIOS[plan.scenario], gold
+        self.plan, self.s, self.gold, self.start = plan, SCENARIOS[plan.scenario], gold, start
         self.folder = _copy(start, folder)
         self.wals = {final: engine_paths(self.folder, self.s, final)["wal"] for final in (False, True)}
         self.changed = False  # the change is done: every run from now on has the final options
@@ -243,6 +243,8 @@ class _Attempt:
         walfile.damage(self.wal, damage, walfile.synced_size(self.sync_log, self.wal))
         if damage == "powercut":
             walfile.empty_segments(str(self.folder / "db"))
+        if damage == "stalehnsw":
+            walfile.restore_segments(str(self.start / "db"), str(self.folder / "db"))
         same_schema = self.changed or self.wals[False] == self.wals[True]
         self.row.bound += walfile.wasted_chunks(before, walfile.records(self.wal), self.since_seq,
                                                 self.final if same_schema else {})

@@ -126,6 +126,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                   resume_args=("--embed-model", "hash:48")),
     *_after_crash("space-change", "--hnsw-space cosine -> l2 between crash and resume",
                   resume_args=("--hnsw-space", "l2")),
+    # A cut after Chroma re-wrote its index files (every `sync_threshold` = 1,000 records: a refresh
+    # of ~1,200 chunks crosses it): they revert to the starting index's fsynced copy while
+    # chroma.sqlite3 moved on. Every file reads; only the deep check after the unclean end sees
+    # rows without vectors; the store is set aside and rebuilt from the embedding cache.
+    Scenario("stale-index", "power cut reverts Chroma's index files behind chroma.sqlite3 during a refresh",
+             start="mix", docs=600, build_args=("--sync-mode", "delete-stale", "--upsert-batch", "256"),
+             damage=("stalehnsw",),
+             points=("build.reconcile", "wal.after_append:RUN_FINISH", "manifest.before_replace"), default_rows=2),
     Scenario("unreadable-after-crash", "unchanged documents become a FIFO and a broken symlink before the "
              "resume: skipped, not deleted", start="mix", change="unreadable", default_rows=3),
     Scenario("tamper-after-crash", "behind the tool's back one chunk is deleted and a foreign id of the same "

@@ -8,12 +8,13 @@ declares.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from chroma_resume import wal
 
-DAMAGES = ("none", "torn", "powerloss", "hole", "powercut")
+DAMAGES = ("none", "torn", "powerloss", "hole", "powercut", "stalehnsw")
 PAGE = 4096  # what a power loss drops or keeps at once
 
 
@@ -73,6 +74,8 @@ def damage(path: str, how: str, synced: int = 0) -> str:
     un-fsynced pages in any order (DESIGN §3: a torn tail, not corruption).
     powercut: powerloss, and Chroma's segment files (never fsynced by Chroma) emptied: see
     `empty_segments`, which the runner applies to the row's database.
+    stalehnsw: powerloss, and Chroma's index folders back at the previous build's fsynced copy
+    while chroma.sqlite3 moved on: see `restore_segments`, which the runner applies.
     """
     if how == "none" or not os.path.exists(path):
         return "none"
@@ -83,7 +86,7 @@ def damage(path: str, how: str, synced: int = 0) -> str:
         body = data[:-1] if data.endswith(b"\n") else data
         start = body.rfind(b"\n") + 1
         return _cut(path, size, start + (len(body) - start) // 2)
-    if how in ("powerloss", "powercut"):
+    if how in ("powerloss", "powercut", "stalehnsw"):
         return _cut(path, size, min(synced, size))
     if how == "hole":
         end = min(size, (synced // PAGE + 1) * PAGE)
@@ -107,6 +110,20 @@ def empty_segments(db: str) -> int:
                 open(os.path.join(folder, name), "wb").close()
                 cut += 1
     return cut
+
+
+def restore_segments(older_db: str, db: str) -> int:
+    """What a power cut leaves when Chroma re-wrote its index files during the run: each index
+    folder of `db` back at its copy in `older_db` (the previous build's, fsynced when it finished),
+    every file readable, while chroma.sqlite3 keeps what it committed. Returns how many folders."""
+    restored = 0
+    for name in os.listdir(db):
+        older = os.path.join(older_db, name)
+        if os.path.isdir(os.path.join(db, name)) and os.path.isdir(older):
+            shutil.rmtree(os.path.join(db, name))
+            shutil.copytree(older, os.path.join(db, name))
+            restored += 1
+    return restored
 
 
 def _cut(path: str, size: int, cut: int) -> str:

@@ -30,6 +30,9 @@ CASES = [
     # fsynced (--wal-fsync off, no barrier): power loss takes the new generation's DOC_COMMITTED
     # and the delete's records, and the undone edit finds its old generation gone unannounced.
     ("bug.delete_before_barrier", "undo-after-crash+fsync-off", "store.after_delete@target", "powerloss", "lost"),
+    # A power cut reverted Chroma's index files behind chroma.sqlite3: a store check that only opens
+    # the store trusts it, and the rerun exits 0 over rows whose vectors the index lacks.
+    ("bug.shallow_store_check", "stale-index", "build.reconcile@1", "stalehnsw", "Error finding id"),
     # One chunk deleted and a foreign id added behind the tool's back: the counts agree.
     ("bug.count_only_reconcile", "tamper-after-crash", "lock.acquired@1", "none", "not repaired"),
 ]

@@ -77,7 +77,7 @@ def test_fail_policy_reports_once_without_retrying(broken):
 def test_repair_verb_rebuilds_and_verifies(broken):
     result = run_cli(["repair", *HASH_BUILD, "--on-store-corrupt", "fail"], cwd=broken)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "[REPAIR] store set aside at" in result.stdout and "chunks_embedded=0" in result.stdout
+    assert "[REPAIR] store broken: set aside at" in result.stdout and "chunks_embedded=0" in result.stdout
 
 
 def test_a_finished_build_has_fsynced_every_chroma_file_before_its_manifest(tmp_path, monkeypatch):

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 import uuid
 
 from . import state, wal
 from .config import Config
-from .errors import UsageError, WalCorrupt
+from .errors import RuntimeFailure, UsageError, WalCorrupt
 
 
 def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> str:
@@ -32,11 +31,32 @@ def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> 
                 f"WAL {path} belongs to unfinished run {run_id}: {committed} committed document(s) would be "
                 f"forgotten and re-embedded. Run the build to resume it, or pass --force")
         if archive:
-            os.makedirs(archive, exist_ok=True)
             target = os.path.join(archive, f"index_state.stage.{run_id}.jsonl.gz")
-            with open(path, "rb") as src, gzip.open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.unlink(path)
+            _archive(path, target)
+            _remove(path)
             return f"archived WAL of run {run_id} ({'finished' if finished else 'UNFINISHED'}) to {target}"
-        os.unlink(path)
+        _remove(path)
         return f"removed WAL {path} of run {run_id} ({'finished' if finished else 'UNFINISHED, forced'})"
+
+
+def _archive(path: str, target: str) -> None:
+    """The archive is durable (file fsynced, renamed into place, folder fsynced) before the WAL it
+    replaces is removed: after a power cut one of them holds the run's records (DESIGN §13)."""
+    folder = os.path.dirname(os.path.abspath(target))
+    try:
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+            wal.fsync_dir(os.path.dirname(folder))  # the new folder's own name
+        with open(path, "rb") as src:
+            data = gzip.compress(src.read(), mtime=0)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot archive {path} to {target}: {exc.strerror or exc}") from None
+    state.atomic_write(target, data)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+        wal.fsync_dir(os.path.dirname(path))
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot remove {path}: {exc.strerror or exc}") from None

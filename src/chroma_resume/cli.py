@@ -62,6 +62,8 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("progress", ("auto", "on", "off"), "progress display on stderr (default auto)"),
     ("on-store-corrupt", ("rebuild", "fail"), "an unreadable embedded Chroma folder: set it aside and rebuild "
                                               "from the cache, or fail (default rebuild)"),
+    ("store-check", ("auto", "deep"), "before a build trusts an embedded store, read every row's vector and check the "
+                                      "index against the rows: auto = after an unclean end only (default), deep = always"),
 ]
 
 
@@ -106,12 +108,15 @@ def cmd_build(c: cfg.Config, args) -> int:
 
 
 def cmd_repair(c: cfg.Config, args) -> int:
-    """A build that rebuilds an unreadable embedded store (whatever --on-store-corrupt says), then verify."""
+    """A build that checks the embedded store deeply and rebuilds a broken one (whatever
+    --on-store-corrupt and --store-check say), then verify."""
     import msgspec
 
     from .build import build
-    summary = build(msgspec.structs.replace(c, on_store_corrupt="rebuild"))
-    print(f"[REPAIR] {'store set aside at ' + summary.store_set_aside if summary.store_set_aside else 'store readable'}; "
+    summary = build(msgspec.structs.replace(c, on_store_corrupt="rebuild", store_check="deep"))
+    verdict = f"store broken: set aside at {summary.store_set_aside}" if summary.store_set_aside else \
+        "store sound (checked deeply)"
+    print(f"[REPAIR] {verdict}; "
           f"chunks_embedded={summary.chunks_embedded} chunks_from_cache={summary.chunks_from_cache}")
     return _verified(c)
 

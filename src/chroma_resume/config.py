@@ -65,6 +65,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     embed_log: str | None = None
     progress: Literal["auto", "on", "off"] = "auto"
     on_store_corrupt: Literal["rebuild", "fail"] = "rebuild"
+    store_check: Literal["auto", "deep"] = "auto"  # auto: deep only after an unclean end (DESIGN §13)
 
 
 def make_config(**options) -> Config:

@@ -16,7 +16,7 @@ import socket
 import msgspec
 
 from . import config as cfg
-from . import failpoints, schema
+from . import failpoints, schema, wal
 from .errors import ChromaResumeError, LockHeld, RuntimeFailure, UsageError
 
 WAL_NAME = "index_state.stage.jsonl"
@@ -172,11 +172,7 @@ def atomic_write(path: str, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        wal.fsync_dir(folder)
     except OSError as exc:
         try:
             os.unlink(tmp)
@@ -213,8 +209,13 @@ class WriterLock:
             os.close(self.fd)
             raise _lock_error(self.path, exc) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "started_at": now_iso()}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        try:  # a flaky or full filesystem can fail these too: exit 5 with the cause, never a traceback
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        except OSError as exc:
+            os.close(self.fd)  # releases the flock just taken
+            self.fd = -1
+            raise _lock_error(self.path, exc) from None
         failpoints.fire("lock.acquired")
         return self
 

@@ -63,6 +63,11 @@ def status(c: Config) -> dict:
         report["store_damaged_files"] = damaged[:3]
         report["store_fix"] = ("doit verify tells whether Chroma can still read them; doit build (or chroma-resume "
                                "repair) sets an unreadable folder aside and rebuilds it from the cache")
+    stale = store.stale_index(c)  # a cut can revert Chroma's index files while every file still reads
+    report["store_index_ok"] = not stale
+    if stale:
+        report["store_index_problem"] = stale
+        report["store_fix"] = "doit repair (or chroma-resume repair): sets the folder aside and rebuilds it from the cache"
     report["samples"] = _samples(replay, manifest)
     return report
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import sqlite3
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import quote
@@ -279,6 +281,161 @@ def _catalogue_fingerprint(c: Config) -> dict | None:
             "writing": meta.get(WRITING_KEY), "recorded": meta.get(RECORDED_KEY)}
 
 
+# ---- the deep check after an unclean end (DESIGN §13) ----------------------------------
+# An embedded Chroma keeps each collection's rows in chroma.sqlite3 and its vector index (HNSW)
+# in a segment folder it re-writes every `sync_threshold` records, without fsync; the sqlite side
+# records how far the index got (max_seq_id) and purges its log up to there. A power cut that
+# reverts the index files to an older version while chroma.sqlite3 moved on leaves every file
+# readable, yet rows without vectors and vectors of deleted rows: only a check catches it.
+
+HNSW_PERSISTED = "urn:chroma:segment/vector/hnsw-local-persisted"
+HNSW_IDS_FILE = "index_metadata.pickle"  # the index's id -> label map, beside its hnswlib files
+_ADDS, _DELETE = (0, 2), 3  # chromadb's Operation codes in embeddings_queue: ADD, UPDATE(1), UPSERT, DELETE
+SHOW_IDS = 3  # ids named in a message
+
+
+def check_deep(c: Config) -> int:
+    """Prove an embedded store before a build trusts it after an unclean end: the vector index
+    holds exactly the rows' ids (`index_disagreement`, read from the files: exact and cheap),
+    and Chroma hands back a vector, all of one dimension, for every row (the files may be intact
+    and still unreadable to it). Raises StoreCorrupt naming what is wrong; returns
+    the rows checked. A server's store is the server's to keep: only probed."""
+    if failpoints.enabled("bug.shallow_store_check"):  # planted bug: trust what merely opens
+        probe(c)
+        return 0
+    db = check_index(c)
+    if db is None:
+        return 0
+    rows, dims = 0, set()
+    for row in db.scan(include=("embeddings",)):
+        rows += 1
+        if row["embedding"] is None:
+            raise StoreCorrupt(f"Chroma at {db.where}: row {row['id']!r} of collection {c.collection!r} has no vector")
+        dims.add(len(row["embedding"]))
+    if len(dims) > 1:
+        raise StoreCorrupt(f"Chroma at {db.where}: collection {c.collection!r} holds vectors of dimensions "
+                           f"{sorted(dims)}")
+    return rows
+
+
+def check_index(c: Config) -> Store | None:
+    """probe, then (embedded) that the vector index holds exactly the rows' ids; raises StoreCorrupt.
+    The collection, None when there is none or it is a server's."""
+    probe(c)
+    db = open_store(c)
+    if c.chroma_host or db is None:
+        return None
+    wrong = index_disagreement(cfg.path(c, c.db), str(db.collection.id))
+    if wrong:
+        raise StoreCorrupt(f"Chroma at {db.where}: the vector index of collection {c.collection!r} disagrees "
+                           f"with its rows: {wrong}")
+    return db
+
+
+def stale_index(c: Config) -> str:
+    """index_disagreement for the config's collection without opening Chroma (resume-status imports
+    no chromadb): the collection found by name in chroma.sqlite3, read-only. "" when they agree,
+    when there is no such embedded collection, or when the layout is not one this knows."""
+    db_file = os.path.join(cfg.path(c, c.db), "chroma.sqlite3")
+    if c.chroma_host or not os.path.exists(db_file):
+        return ""
+    try:
+        with contextlib.closing(_read_only(db_file)) as con:
+            found = con.execute("SELECT c.id FROM collections c JOIN databases d ON c.database_id = d.id "
+                                "WHERE c.name = ? AND d.name = ? AND d.tenant_id = ?",
+                                (c.collection, c.chroma_database or "default_database",
+                                 c.chroma_tenant or "default_tenant")).fetchone()
+    except sqlite3.OperationalError:
+        return ""
+    except sqlite3.DatabaseError as exc:
+        return f"cannot read {db_file}: {exc}"
+    try:
+        return index_disagreement(cfg.path(c, c.db), found[0]) if found else ""
+    except StoreCorrupt as exc:  # reported, not raised: status only describes
+        return str(exc)
+
+
+def _read_only(db_file: str) -> sqlite3.Connection:
+    """A connection that writes nothing (no journal, no -wal) to Chroma's database."""
+    return sqlite3.connect(f"file:{urllib.parse.quote(db_file)}?mode=ro", uri=True)
+
+
+def index_disagreement(root: str, collection_id: str) -> str:
+    """What separates the ids the collection's vector index will hold once Chroma has replayed its
+    log from the ids of its rows ("" when they agree), read from chroma.sqlite3 (read-only) and
+    the index's id map. Chroma replays into each segment the log records past that segment's
+    max_seq_id, so both sides are taken from their files and brought forward by the log.
+    A layout this chromadb does not write (another segment type, no such tables), or a file SQLite
+    cannot read just now, is not judged: the row-by-row read in check_deep still runs."""
+    db_file = os.path.join(root, "chroma.sqlite3")
+    try:
+        with contextlib.closing(_read_only(db_file)) as con:
+            segments = con.execute("SELECT id, scope, type FROM segments WHERE collection = ?",
+                                   (collection_id,)).fetchall()
+            scopes = {scope: (sid, kind) for sid, scope, kind in segments}
+            if len(segments) != 2 or scopes.get("VECTOR", ("", ""))[1] != HNSW_PERSISTED or "METADATA" not in scopes:
+                return ""
+            rows_seg, index_seg = scopes["METADATA"][0], scopes["VECTOR"][0]
+            rows = {r for (r,) in con.execute("SELECT embedding_id FROM embeddings WHERE segment_id = ?", (rows_seg,))}
+            held = _hnsw_ids(os.path.join(root, index_seg))
+            rows, held = (_replayed(con, collection_id, ids, seg) for ids, seg in ((rows, rows_seg), (held, index_seg)))
+    except sqlite3.OperationalError:  # no such table, locked, an I/O error: no judgement (never a set-aside)
+        return ""
+    except sqlite3.DatabaseError as exc:  # malformed, not a database
+        raise StoreCorrupt(f"cannot read {db_file}: {exc}") from None
+    missing, extra = sorted(rows - held), sorted(held - rows)
+    parts = [f"{len(ids)} {what} (e.g. {', '.join(ids[:SHOW_IDS])})"
+             for ids, what in ((missing, "rows without a vector"), (extra, "vectors of deleted rows")) if ids]
+    if not parts:
+        return ""
+    return (f"{'; '.join(parts)}; the index holds {len(held)} ids, the rows {len(rows)}: its files in "
+            f"{os.path.join(root, index_seg)} are not those chroma.sqlite3 describes (reverted by a power cut?)")
+
+
+def _replayed(con: sqlite3.Connection, collection_id: str, ids: set[str], segment: str) -> set[str]:
+    """`ids` after the log records Chroma replays into `segment` (those past its max_seq_id)."""
+    seen = con.execute("SELECT seq_id FROM max_seq_id WHERE segment_id = ?", (segment,)).fetchone()
+    since = 0 if seen is None else int.from_bytes(seen[0], "big") if isinstance(seen[0], bytes) else seen[0]
+    ids = set(ids)
+    for op, chunk_id in con.execute("SELECT operation, id FROM embeddings_queue WHERE topic LIKE ? AND seq_id > ? "
+                                    "ORDER BY seq_id", (f"%/{collection_id}", since)):
+        if op in _ADDS:
+            ids.add(chunk_id)
+        elif op == _DELETE:
+            ids.discard(chunk_id)
+    return ids
+
+
+class _NoGlobals(pickle.Unpickler):
+    """The id map is a dict of str and int (an object of chromadb's PersistentData class in
+    databases written by chromadb < 1.0): nothing in it needs code to run, so none is allowed."""
+
+    def find_class(self, module: str, name: str):
+        if name == "PersistentData" and module.startswith("chromadb."):
+            return _Fields
+        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
+
+
+class _Fields:
+    """Stands in for chromadb's PersistentData: keeps its fields, runs nothing."""
+
+
+def _hnsw_ids(folder: str) -> set[str]:
+    """The ids the index folder's files hold: none if Chroma has not written them yet."""
+    path = os.path.join(folder, HNSW_IDS_FILE)
+    try:
+        with open(path, "rb") as fh:
+            data = _NoGlobals(fh).load()
+    except FileNotFoundError:
+        return set()
+    except Exception as exc:  # cut short, emptied, or not what chromadb writes
+        raise StoreCorrupt(f"cannot read the vector index's id map {path}: {type(exc).__name__}: {exc}") from None
+    fields = data if isinstance(data, dict) else vars(data)
+    if not isinstance(fields.get("id_to_label"), dict):
+        raise StoreCorrupt(f"the vector index's id map {path} holds no id_to_label")
+    return set(fields["id_to_label"])
+
+
 class Endpoint(str):
     """The store's address as messages show it, carrying its retry window: every call site passes
     `self.where` to `_retry` as before, and `_retry` learns from it how long to keep trying."""
@@ -460,8 +617,9 @@ def _transient(exc: BaseException) -> bool:
 
 # What chromadb says when its files are damaged (segments emptied or cut short by a power loss,
 # a malformed SQLite file), as opposed to a server it cannot reach: waiting never fixes these.
+# "Error finding id": a row whose vector the index lacks (index files older than chroma.sqlite3).
 _CORRUPT_SIGNS = ("segment reader", "Error deserializing", "Error loading hnsw", "database disk image is malformed",
-                  "file is not a database")
+                  "file is not a database", "Error finding id")
 
 
 def _corrupt(exc: BaseException) -> bool:

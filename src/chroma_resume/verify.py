@@ -120,8 +120,11 @@ def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: 
                 for i, chunk_id in enumerate(state.generation_ids(entry.doc_id, entry.content_sha256, entry.n_chunks))}
     rewrite = REWRITE
     audit = _Audit(expected, manifest.dim, rewrite)
-    for row in db.scan(include=("metadatas", "documents", "embeddings")):
-        audit.add(row)
+    try:
+        for row in db.scan(include=("metadatas", "documents", "embeddings")):
+            audit.add(row)
+    except StoreCorrupt as exc:  # a row Chroma cannot read: the store is broken, not unreachable
+        return VerifyResult([*(ch for ch in checks if ch.name != "store"), _broken_store(c, exc)])
     checks += audit.checks(db.count())
     if fresh:
         checks += _fresh_checks(c, manifest, audit.text_sha, rewrite)
@@ -169,14 +172,19 @@ def _wal_check(c: Config, path: str, schema: str, manifest: state.Manifest | Non
 
 
 def _store_check(c: Config) -> Check:
-    """Chroma can read its own files (a power cut can empty its segment files): its own check, with its fix."""
+    """Chroma can read its own files (a power cut can empty its segment files) and its vector index
+    holds exactly the rows' ids (a cut can revert the index files): its own check, with its fix."""
     try:
-        store.probe(c)
+        store.check_index(c)
     except StoreCorrupt as exc:
-        fix = ("repair or restore the server's store" if c.chroma_host else
-               "doit repair (or chroma-resume repair): sets the folder aside and rebuilds it from the embedding cache")
-        return Check("store", False, str(exc), fix)
+        return _broken_store(c, exc)
     return Check("store", True, f"{cfg.db_identity(c)} is readable")
+
+
+def _broken_store(c: Config, exc: StoreCorrupt) -> Check:
+    fix = ("repair or restore the server's store" if c.chroma_host else
+           "doit repair (or chroma-resume repair): sets the folder aside and rebuilds it from the embedding cache")
+    return Check("store", False, str(exc), fix)
 
 
 def _fingerprint_check(c: Config, found: dict, schema: str, manifest: state.Manifest) -> Check:

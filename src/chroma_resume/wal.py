@@ -293,7 +293,7 @@ class Writer:
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             if created:
-                _fsync_dir(os.path.dirname(path))
+                fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise RuntimeFailure(f"cannot open WAL {path}: {exc.strerror}") from None
         self.size = os.fstat(self.fd).st_size
@@ -365,7 +365,8 @@ class NullWriter:
         pass
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make the names in folder `path` durable (a file created, renamed or removed); raises OSError."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
