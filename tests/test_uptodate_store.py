@@ -90,7 +90,7 @@ def test_the_embedded_check_reads_chromas_catalogue_without_chromadb_and_falls_b
 
     def unreadable(c):
         raise sqlite3.OperationalError("no such table: collections")  # another Chroma version's catalogue
-    monkeypatch.setattr(store, "_catalogue_fingerprint", unreadable)
+    monkeypatch.setattr(store, "catalogue_fingerprint", unreadable)
     assert store.stored_fingerprint(config) == catalogue  # the same answer, through chromadb
 
 

@@ -67,7 +67,8 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
     model = models.preflight(c)  # every refusal about the model, before anything is created
     p = state.paths(c)
-    with state.WriterLock(p["collection_dir"], run_id=uuid.uuid4().hex[:12]), _StopOnSignal() as stop:
+    run_id = uuid.uuid4().hex[:12]
+    with state.store_lock(c, run_id), state.WriterLock(p["collection_dir"], run_id), _StopOnSignal() as stop:
         os.makedirs(p["state_dir"], exist_ok=True)
         _remove_temp_files(p)
         run = _Run(c, p, schema.schema_hash(c), model, out, stop, warn)
@@ -116,7 +117,8 @@ class _Run:
             self._check_schema_change(fp)
         elif held:
             self._check_dimension(db)
-        incarnation = fp.get("incarnation") if held and not reset else None  # None: a new collection
+        recreated = db is None or reset or (fp["schema_hash"], fp["space"]) != (self.schema, c.hnsw_space)
+        incarnation = None if recreated else fp["incarnation"]  # None: this run creates the collection anew
         if manifest is not None and manifest.incarnation != incarnation:  # not its path: a moved folder is the same
             if incarnation is not None:
                 self.warn("manifest_of_another_collection", manifest=p["manifest"], collection=c.collection)
@@ -128,7 +130,7 @@ class _Run:
         if c.resume == "force" and not decision.active:
             raise WalCorrupt(f"--resume force: cannot resume ({decision.reason}) from {p['wal']}; nothing was "
                              f"changed. Rerun without --resume force to build afresh")
-        missing_state = manifest is None and not decision.active and incarnation is not None
+        missing_state = manifest is None and not decision.active and held > 0 and not reset
         if missing_state and c.on_missing_state == "fail":
             raise UsageError(f"manifest {p['manifest']} is missing but collection {c.collection!r} holds "
                              f"{held} chunks (--on-missing-state fail); use reset or full-upsert")

@@ -221,7 +221,7 @@ def _cause(exc: BaseException) -> str:
 
 def cache_stats(c: Config) -> dict:
     """What the cache holds: entries per model fingerprint, size on disk, oldest and newest use."""
-    from .embedding import model_fingerprint
+    from .models import model_fingerprint
     path = _existing_path(c)
     report = {"path": path, "current_fingerprint": model_fingerprint(c)}
     if not os.path.exists(path):
@@ -239,7 +239,7 @@ def cache_prune(c: Config, *, keep: str = "current", older_than_days: float | No
     """Drop the entries of other model fingerprints (keep="current") and/or those unused for
     older_than_days, then VACUUM so the file shrinks. also_keep: fingerprints of the other indexes
     that share this cache file (pruning for one index must not empty another's)."""
-    from .embedding import model_fingerprint
+    from .models import model_fingerprint
     if keep not in ("current", "all"):
         raise UsageError(f"--keep {keep!r}: expected current or all")
     if older_than_days is not None and older_than_days < 0:

@@ -162,7 +162,7 @@ def fingerprints_sharing_cache(c: cfg.Config, folder: str = ".") -> list[str]:
     """The model fingerprints of every index of the repository whose embedding cache is c's file
     (computed from the models' files, no model loaded)."""
     from .cache import cache_path
-    from .embedding import model_fingerprint
+    from .models import model_fingerprint
     found = [resolve(index, {}) for index in load(folder)]
     return sorted({model_fingerprint(o) for o in found if o.embed_cache != "off" and cache_path(o) == cache_path(c)})
 

@@ -5,6 +5,7 @@ the directory), so a reader never sees half a file.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -188,8 +189,8 @@ class WriterLock:
     with other options must never reset a collection under a running one). The OS releases the
     lock when the holder dies, so a crash never wedges."""
 
-    def __init__(self, collection_dir: str, run_id: str):
-        self.path = os.path.join(collection_dir, LOCK_NAME)
+    def __init__(self, collection_dir: str, run_id: str, name: str = LOCK_NAME):
+        self.path = os.path.join(collection_dir, name)
         self.run_id = run_id
         self.fd = -1
 
@@ -223,6 +224,16 @@ class WriterLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing releases the flock
             self.fd = -1
+
+
+def store_lock(c: cfg.Config, run_id: str) -> "WriterLock | contextlib.nullcontext":
+    """A second lock, beside an embedded --db folder: builds with different state roots (two
+    checkouts, two CI jobs) sharing one store must not write one collection at once either. A
+    server has no folder of ours; its writers share a state root to be told apart."""
+    if c.chroma_host:
+        return contextlib.nullcontext()
+    db = cfg.path(c, c.db)
+    return WriterLock(os.path.dirname(db), run_id, name=f".{os.path.basename(db).lstrip('.')}.{c.collection}.writer.lock")
 
 
 def _lock_error(path: str, exc: OSError) -> ChromaResumeError:

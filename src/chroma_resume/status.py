@@ -7,6 +7,7 @@ embedded store, through the client (so chromadb) for a server.
 from __future__ import annotations
 
 import os
+import sqlite3
 
 from . import config as cfg
 from . import state, store, wal
@@ -53,7 +54,7 @@ def status(c: Config) -> dict:
         report["resume_active"], report["resume_reason"] = False, "wal_corrupt(build exits 4)"
     else:
         decision = resume_decision(replay, mode=c.resume, schema_hash=schema, collection=c.collection,
-                                   db=cfg.db_identity(c), incarnation=_lost_collection(c),
+                                   db=cfg.db_identity(c), incarnation=_incarnation(c),
                                    manifest_run_id=manifest.last_build.get("run_id") if manifest else None,
                                    wal_enabled=c.wal)
         report["resume_active"], report["resume_reason"] = decision.active, decision.reason
@@ -72,12 +73,18 @@ def status(c: Config) -> dict:
     return report
 
 
-def _lost_collection(c: Config) -> str | None:
-    """Without opening Chroma status cannot read the collection's incarnation, but it can see that an
-    embedded store is gone: a build would create a new collection and set the WAL aside."""
+def _incarnation(c: Config) -> str | None:
+    """The collection's incarnation, read from an embedded store's catalogue without chromadb, as a
+    build matches its WAL by it (a moved --db keeps its WAL); None when only a client could tell."""
+    if c.chroma_host:
+        return None
     if store.embedded_store_missing(c):
         return "none(the --db folder is missing)"
-    return None
+    try:
+        found = store.catalogue_fingerprint(c)
+    except sqlite3.Error:
+        return None
+    return found["incarnation"] if found and found["incarnation"] else "none(no such collection)"
 
 
 def _samples(replay: wal.Replay | None, manifest: state.Manifest | None) -> list[dict]:

@@ -47,6 +47,9 @@ INCARNATION_KEY = "chroma_resume:incarnation"  # random id set at creation: a ma
 WRITING_KEY = "chroma_resume:writing"  # run id of a build that wrote and has not yet recorded a manifest (DESIGN §13)
 RECORDED_KEY = "chroma_resume:recorded"  # run id of the manifest that describes the collection as it is
 SPACE_KEY = "hnsw:space"
+# Chroma drops hnsw:space from the metadata on the first modify (and refuses it in one), keeping the space
+# where only its client can read it; this copy lets the catalogue read (no chromadb) still see it.
+SPACE_COPY_KEY = "chroma_resume:space"
 
 
 class Store:
@@ -130,7 +133,7 @@ class Store:
         """What the collection says it holds (DESIGN §1: the collection is the truth, LATEST a copy)."""
         meta = self.collection.metadata or {}
         config = getattr(self.collection, "configuration_json", None) or {}
-        space = (config.get("hnsw") or {}).get("space") or meta.get(SPACE_KEY)
+        space = (config.get("hnsw") or {}).get("space") or meta.get(SPACE_KEY) or meta.get(SPACE_COPY_KEY)
         return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": space,
                 "writing": meta.get(WRITING_KEY), "recorded": meta.get(RECORDED_KEY)}
 
@@ -146,7 +149,7 @@ class Store:
         """Chroma replaces a collection's metadata whole and refuses the hnsw keys in it (the space
         lives in its configuration), so the rest is carried over; a None value drops its key."""
         meta = {k: v for k, v in (self.collection.metadata or {}).items() if not k.startswith("hnsw:")}
-        meta.update(changes)
+        meta.update({SPACE_COPY_KEY: self.fingerprint()["space"], **changes})
         meta = {k: v for k, v in meta.items() if v is not None}
         _retry(self.where, "modify", lambda: self.collection.modify(metadata=meta))
 
@@ -250,7 +253,7 @@ def stored_fingerprint(c: Config) -> dict | None:
     the client, tried once: an unreachable store is the build's to report, not this check's."""
     if not c.chroma_host:
         try:
-            return _catalogue_fingerprint(c)
+            return catalogue_fingerprint(c)
         except sqlite3.Error:
             pass
     import msgspec
@@ -266,8 +269,9 @@ WHERE col.name = ? AND d.name = ? AND d.tenant_id = ?
 """
 
 
-def _catalogue_fingerprint(c: Config) -> dict | None:
-    """Chroma 1.x's catalogue tables (collections, databases, collection_metadata), opened read-only."""
+def catalogue_fingerprint(c: Config) -> dict | None:
+    """Chroma 1.x's catalogue tables (collections, databases, collection_metadata), opened read-only,
+    without chromadb; raises sqlite3.Error when they cannot be read that way."""
     location = os.path.join(cfg.path(c, c.db), "chroma.sqlite3")
     if not os.path.exists(location):
         return None
@@ -277,7 +281,7 @@ def _catalogue_fingerprint(c: Config) -> dict | None:
     if not rows:
         return None
     meta = {key: value for key, value in rows if key is not None}
-    return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": meta.get(SPACE_KEY),
+    return {"schema_hash": meta.get(SCHEMA_KEY), "incarnation": meta.get(INCARNATION_KEY), "space": meta.get(SPACE_KEY) or meta.get(SPACE_COPY_KEY),
             "writing": meta.get(WRITING_KEY), "recorded": meta.get(RECORDED_KEY)}
 
 
@@ -552,7 +556,7 @@ def _get_or_none(chroma_client, name: str):
 
 
 def _create(chroma_client, where: str, name: str, schema: str, space: str):
-    metadata = {SPACE_KEY: space, SCHEMA_KEY: schema, INCARNATION_KEY: uuid.uuid4().hex[:16]}
+    metadata = {SPACE_KEY: space, SPACE_COPY_KEY: space, SCHEMA_KEY: schema, INCARNATION_KEY: uuid.uuid4().hex[:16]}
     try:
         return chroma_client.create_collection(name, metadata=metadata, embedding_function=None)
     except ValueError as exc:
