@@ -64,11 +64,23 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
     embedding.model_location(c)
     p = state.paths(c)
+    if not docs and not (listing.files or listing.dirs) and not c.allow_empty:
+        _refuse_wiping(c, p)
     with state.WriterLock(p["collection_dir"], run_id=uuid.uuid4().hex[:12]), _StopOnSignal() as stop:
         os.makedirs(p["state_dir"], exist_ok=True)
         _remove_temp_files(p)
         run = _Run(c, p, cfg.schema_hash(c), out, stop, warn)
         return run.execute(docs, listing, started)
+
+
+def _refuse_wiping(c: Config, p: dict) -> None:
+    """A listing that succeeded and found nothing removes every document: right for a corpus emptied on
+    purpose, a disaster for a typo (`--include ''`, the wrong folder). So it asks for --allow-empty."""
+    manifest = state.load_manifest(p["manifest"])
+    if manifest is not None and manifest.documents:
+        raise UsageError(f"the corpus {corpus.source_path(c)} lists no document (include: {' '.join(c.include)!r}): "
+                         f"this build would delete all {len(manifest.documents)} documents of collection "
+                         f"{c.collection!r}. Pass --allow-empty true if that is what you want")
 
 
 def _remove_temp_files(p: dict) -> None:

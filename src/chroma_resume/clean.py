@@ -32,11 +32,32 @@ def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> 
                 f"WAL {path} belongs to unfinished run {run_id}: {committed} committed document(s) would be "
                 f"forgotten and re-embedded. Run the build to resume it, or pass --force")
         if archive:
-            os.makedirs(archive, exist_ok=True)
-            target = os.path.join(archive, f"index_state.stage.{run_id}.jsonl.gz")
-            with open(path, "rb") as src, gzip.open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            target = _archive(path, archive, run_id)
             os.unlink(path)
             return f"archived WAL of run {run_id} ({'finished' if finished else 'UNFINISHED'}) to {target}"
         os.unlink(path)
         return f"removed WAL {path} of run {run_id} ({'finished' if finished else 'UNFINISHED, forced'})"
+
+
+def _archive(path: str, folder: str, run_id: str) -> str:
+    """gzip the WAL into folder, fsynced (file and folder) before the caller removes the original.
+    A folder that cannot be made or written is the option's fault: exit 2 naming it, WAL untouched."""
+    target = os.path.join(folder, f"index_state.stage.{run_id}.jsonl.gz")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "rb") as src, gzip.open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        _fsync(target, os.O_RDONLY)
+        _fsync(folder, os.O_RDONLY)
+    except OSError as exc:
+        raise UsageError(f"--archive {folder}: cannot write {os.path.basename(target)}: {exc.strerror or exc}; "
+                         f"the WAL is left in place") from None
+    return target
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

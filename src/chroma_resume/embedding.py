@@ -106,6 +106,9 @@ def model_location(c: Config) -> str:
     looks_like_path = c.embed_model.startswith((".", "/", "~")) or c.embed_model.count("/") > 1
     if looks_like_path:
         raise ModelLoadError(f"model path not found: {candidate}")
+    if not (c.model_download or c.embed_model.startswith("hash:") or _in_hub_cache(c.embed_model)):
+        raise ModelLoadError(f"model {c.embed_model!r} is neither a folder nor in the local hub cache; "
+                             f"--model-download true fetches it")
     return c.embed_model
 
 
@@ -120,6 +123,14 @@ def _model_file(location: str, name: str) -> str | None:
     from huggingface_hub import try_to_load_from_cache  # no torch; reads the cache folder only
     found = try_to_load_from_cache(location, name)
     return found if isinstance(found, str) else None
+
+
+def _in_hub_cache(model_id: str) -> bool:
+    """A hub id whose config.json the local hub cache holds (an id the hub could never accept is not)."""
+    try:
+        return _model_file(model_id, "config.json") is not None
+    except ValueError:  # huggingface_hub's HFValidationError: not a repo id at all
+        return False
 
 
 def _read_json(file: str | None) -> dict:
@@ -254,3 +265,13 @@ def _checked_max_length(c: Config, flag) -> int:
     if table and length > table:
         raise ModelLoadError(f"--max-length {length} exceeds the {table} positions of model {c.embed_model!r}")
     return length
+
+
+def declared_dim(c: Config) -> int | None:
+    """The dimension of the vectors the model makes, read without torch (hash:DIM, or the model's
+    config.json hidden_size); None when its files do not say. The cache uses it to refuse a row of
+    another dimension before the first vector is computed."""
+    if c.embed_model.startswith("hash:"):
+        return int(c.embed_model[5:])
+    size = _read_json(_model_file(model_location(c), "config.json")).get("hidden_size")
+    return size if isinstance(size, int) and size > 0 else None
