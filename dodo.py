@@ -39,7 +39,10 @@ def _action(command: str, extra_names: tuple[str, ...] = ()):
     def run(task):
         options = {k: v for k, v in task.options.items() if k not in extra_names}
         extra = SimpleNamespace(**{k: task.options[k] for k in extra_names})
-        return cli.run(command, options, extra) == 0
+        code = cli.run(command, options, extra)
+        if code not in (0, 1):  # doit reports a failed action as its own exit 1: keep 2-5 and 130 for CI
+            raise SystemExit(code)
+        return code == 0
     return run
 
 
