@@ -134,12 +134,22 @@ def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: 
                                                   f"{cfg.db_identity(c)}", fixes.build, fixes))
         return VerifyResult(checks)
     checks.append(_fingerprint_check(c, db.fingerprint(), schema, manifest, fixes))
+    try:
+        return _audit(c, db, manifest, checks, fixes, fresh, deep, stream)
+    except StoreCorrupt as exc:  # a row the probe did not read: the store is broken, a failed check (exit 1)
+        broken = _broken_store(c, exc, fixes)
+        return VerifyResult([broken if ch.name == "store" else ch for ch in checks])
+
+
+def _audit(c: Config, db: store.Store, manifest: state.Manifest, checks: list[Check], fixes: Fixes, fresh: bool,
+           deep: Deep | None, stream: TextIO) -> VerifyResult:
+    """The checks that read every row (and, with --deep, search for them)."""
     expected = {chunk_id: _Slot(uri, entry, i) for uri, entry in manifest.documents.items()
                 for i, chunk_id in enumerate(state.generation_ids(entry.doc_id, entry.content_sha256, entry.n_chunks))}
     audit = _Audit(expected, manifest.dim, fixes, keep_vectors=deep is not None)
     for row in db.scan(include=("metadatas", "documents", "embeddings")):
         audit.add(row)
-    checks += audit.checks(db.count())
+    checks = checks + audit.checks(db.count())
     if fresh:
         checks += _fresh_checks(c, manifest, audit.text_sha, fixes)
     if deep is None:
@@ -200,11 +210,15 @@ def _store_check(c: Config, fixes: Fixes) -> Check:
     try:
         store.probe(c)
     except StoreCorrupt as exc:
-        if c.chroma_host:  # not ours to set aside: said in words, there is no command to run
-            return Check("store", False, f"{exc}; repair or restore the server's store", "")
-        return Check("store", False, f"{exc}; the fix sets the folder aside and rebuilds it from the embedding cache",
-                     fixes.repair)
+        return _broken_store(c, exc, fixes)
     return Check("store", True, f"{cfg.db_identity(c)} is readable")
+
+
+def _broken_store(c: Config, exc: StoreCorrupt, fixes: Fixes) -> Check:
+    if c.chroma_host:  # not ours to set aside: said in words, there is no command to run
+        return Check("store", False, f"{exc}; repair or restore the server's store", "")
+    return Check("store", False, f"{exc}; the fix sets the folder aside and rebuilds it from the embedding cache",
+                 fixes.repair)
 
 
 def _fingerprint_check(c: Config, found: dict, schema: str, manifest: state.Manifest, fixes: Fixes) -> Check:
