@@ -12,6 +12,7 @@ import pytest
 
 from chroma_resume import config as cfg
 from conftest import REPO, run_shell, summary, write_corpus
+from test_verify import printed_fix
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,7 +120,7 @@ def test_the_fix_doit_verify_prints_runs_as_printed(built):
     """The fix names the options in effect (here from pyproject), so it repairs this index from a shell."""
     delete_one_chunk(built)
     failing = doit(built, "verify")
-    fix = next(line for line in failing.stderr.splitlines() if line.startswith("fix: "))[5:]
+    fix = printed_fix(failing)
     assert fix.startswith("chroma-resume build ") and "--strict-sync true" in fix
     assert "-- build" in doit(built, "build").stdout  # doit's up-to-date check reads files, not the store
     assert run_shell(fix, cwd=built).returncode == 0

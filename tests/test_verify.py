@@ -34,10 +34,15 @@ def verify(root: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_cli(["verify", *HASH_BUILD, *extra], cwd=root)
 
 
+def printed_fix(failing: subprocess.CompletedProcess) -> str:
+    """The overall fix verify printed (its `fix: ` line on stderr)."""
+    return next(line for line in failing.stderr.splitlines() if line.startswith("fix: "))[len("fix: "):]
+
+
 def apply_fix(root: Path, failing: subprocess.CompletedProcess, base: list[str] = HASH_BUILD) -> None:
     """Run the overall `fix:` line exactly as printed, from a shell (`base`: the options verify ran with,
     which the printed line must carry by itself)."""
-    line = next(ln for ln in failing.stderr.splitlines() if ln.startswith("fix: "))[len("fix: "):]
+    line = printed_fix(failing)
     for option in base[::2]:
         assert option in line, f"the fix does not carry {option}: {line}"
     done = run_shell(line, cwd=root)

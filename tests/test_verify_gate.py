@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import HASH_BUILD, run_cli, run_shell, summary
-from test_verify import checks, failed
+from test_verify import checks, failed, printed_fix
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -79,7 +79,7 @@ def test_findable_fails_a_damaged_graph_and_its_printed_fix_rebuilds_it(stubs, t
     damage_graph(copy, how)
     result = deep(copy, base)
     assert result.returncode == 1 and failed(result.stdout) == must_fail, result.stdout
-    fix = next(line for line in result.stderr.splitlines() if line.startswith("fix: "))[5:]
+    fix = printed_fix(result)
     assert fix.startswith("mv ") and "--on-missing-state" not in fix  # reset is the default: not repeated
     repaired = run_shell(fix, cwd=copy)
     assert repaired.returncode == 0, repaired.stderr
@@ -107,7 +107,7 @@ def test_a_poisoned_cache_entry_is_caught_by_deep_and_its_fix_corrects_the_cache
 
     result = run_cli(["verify", *HASH_BUILD, "--deep", "all"], cwd=workdir)
     assert failed(result.stdout) == {"embedding"}, result.stdout
-    fix = next(line for line in result.stderr.splitlines() if line.startswith("fix: "))[5:]
+    fix = printed_fix(result)
     assert run_shell(fix, cwd=workdir).returncode == 0
 
     shutil.rmtree(workdir / ".chroma")  # the cache is right now: a rebuild from it is too
@@ -138,7 +138,7 @@ def test_fresh_names_a_kept_unreadable_file_and_its_fix_works(workdir):
     assert failed(result.stdout) == {"fresh_unreadable"}, result.stdout
     assert "removed=[]" in checks(result.stdout)["fresh"][1]
     assert "['doc0003.md']" in checks(result.stdout)["fresh_unreadable"][1]
-    fix = next(line for line in result.stderr.splitlines() if line.startswith("fix: "))[5:]
+    fix = printed_fix(result)
     assert "--exclude doc0003.md" in fix
     assert run_shell(fix, cwd=workdir).returncode == 0
     after = run_cli(["verify", *HASH_BUILD, "--fresh", "--exclude", "doc0003.md"], cwd=workdir)
@@ -157,7 +157,7 @@ def test_a_printed_fix_carries_root_db_state_root_and_collection_and_runs_from_e
     assert run_cli(["build", *options, "--docs", "docs", "--chunk-chars", "500"], cwd=elsewhere).returncode == 0
     (project / "docs" / "doc0001.md").write_text("edited after the build\n")
     stale = run_cli(["verify", *options, "--docs", "docs", "--chunk-chars", "500", "--fresh"], cwd=elsewhere)
-    fix = next(line for line in stale.stderr.splitlines() if line.startswith("fix: "))[5:]
+    fix = printed_fix(stale)
     assert f"--root {project}" in fix and "--db 'store/chroma db'" in fix and "--chunk-chars 500" in fix
     assert run_shell(fix, cwd=tmp_path).returncode == 0  # yet another folder: the fix names everything
     again = run_cli(["verify", *options, "--docs", "docs", "--chunk-chars", "500", "--fresh"], cwd=elsewhere)
@@ -172,6 +172,6 @@ def test_verify_and_resume_status_create_no_database(workdir):
     assert "no Chroma database at" in checks(result.stdout)["store"][1]
     status = run_cli(["resume-status", *HASH_BUILD], cwd=workdir)
     assert status.returncode == 0 and not (workdir / ".chroma").exists()
-    fix = next(line for line in result.stderr.splitlines() if line.startswith("fix: "))[5:]
+    fix = printed_fix(result)
     assert run_shell(fix, cwd=workdir).returncode == 0
     assert run_cli(["verify", *HASH_BUILD], cwd=workdir).returncode == 0

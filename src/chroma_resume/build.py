@@ -62,7 +62,7 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     # Read the corpus and find the model before taking the lock: bad input is exit 2 before anything is created.
     listing = corpus.Listing()
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
-    embedding.model_location(c)
+    embedding.require_model(c)
     p = state.paths(c)
     if not docs and not (listing.files or listing.dirs) and not c.allow_empty:
         _refuse_wiping(c, p)

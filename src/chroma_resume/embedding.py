@@ -106,10 +106,18 @@ def model_location(c: Config) -> str:
     looks_like_path = c.embed_model.startswith((".", "/", "~")) or c.embed_model.count("/") > 1
     if looks_like_path:
         raise ModelLoadError(f"model path not found: {candidate}")
-    if not (c.model_download or c.embed_model.startswith("hash:") or _in_hub_cache(c.embed_model)):
+    return c.embed_model
+
+
+def require_model(c: Config) -> str:
+    """model_location, and a hub id must be in the local hub cache unless --model-download true: a build
+    refuses at once (exit 2, nothing written) instead of spending a minute in download retries."""
+    location = model_location(c)
+    if not (c.model_download or os.path.exists(location) or c.embed_model.startswith("hash:")
+            or _in_hub_cache(location)):
         raise ModelLoadError(f"model {c.embed_model!r} is neither a folder nor in the local hub cache; "
                              f"--model-download true fetches it")
-    return c.embed_model
+    return location
 
 
 # ---- what the model declares, read without torch ----------------------------------

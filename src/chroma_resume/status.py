@@ -8,6 +8,7 @@ import os
 
 from . import config as cfg
 from . import state, store, wal
+from .commands import command_line
 from .config import Config
 from .errors import ChromaResumeError
 from .plan import resume_decision
@@ -58,8 +59,9 @@ def status(c: Config) -> dict:
     report["store_files_ok"] = not damaged
     if damaged:  # what a power cut leaves: Chroma's segment files emptied (a small index may rebuild them itself)
         report["store_damaged_files"] = damaged[:3]
-        report["store_fix"] = ("doit verify tells whether Chroma can still read them; doit build (or chroma-resume "
-                               "repair) sets an unreadable folder aside and rebuilds it from the cache")
+        report["store_fix"] = (f"{command_line(c, 'verify')} tells whether Chroma can still read them; "
+                               f"{command_line(c, 'repair')} sets an unreadable folder aside and rebuilds it from "
+                               f"the cache")
     report["samples"] = _samples(replay, manifest)
     return report
 

@@ -238,7 +238,8 @@ def client(c: Config):
     headers = request_headers(c)
 
     def connect():
-        _probe(api_url, headers, c.chroma_timeout)
+        # a silent host holds one attempt for its whole timeout: never longer than the retry window
+        _probe(api_url, headers, min(c.chroma_timeout, max(c.retry_for, 1.0)))
         # chromadb adds its own keys to the dict it is given: hand it a copy
         chroma = chromadb.HttpClient(host=c.chroma_host, port=c.chroma_port, ssl=c.chroma_ssl,
                                      headers=dict(headers), **scope)
