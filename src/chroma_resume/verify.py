@@ -3,9 +3,11 @@
 Ids alone prove little: a chunk can sit under the right id with the wrong text, metadata
 or vector. So one pass over the collection checks every stored field of every chunk
 against its generation; `--fresh` compares with the corpus as it is now (re-chunked);
-`--deep N|all` re-embeds a seeded sample and asks Chroma's index to find each one
-(stored is not the same as findable). Every failing check names a few ids and the
-build command that repairs it; the strongest of those is the overall fix.
+`--deep N|all` re-embeds a seeded sample and compares Chroma's search for each one with
+exact search (stored is not the same as findable; see _Findable for what that proves).
+Every failing check names a few ids and the command that repairs it, rendered with the
+options in effect so it runs as printed; the strongest of those is the overall fix.
+Verify creates nothing: a missing database or collection is a failed check.
 """
 from __future__ import annotations
 
@@ -422,9 +424,14 @@ class _Findable:
     finite: nothing is ever near it). Rows not returned for their own vector are counted and shown."""
 
     def __init__(self, space: _Space, metric: str, k: int):
-        self.ids, self.metric, self.k = space.ids, metric, k
+        self.metric, self.k = metric, k
+        shapes = [v.shape for v in space.vectors]
+        self.shape = max(set(shapes), key=shapes.count) if shapes else (0,)  # a row of another is the dimension check's
+        kept = [(i, v) for i, v in zip(space.ids, space.vectors) if v.shape == self.shape]
+        space = _Space([i for i, _ in kept], [v for _, v in kept])
         self.position = {chunk_id: n for n, chunk_id in enumerate(space.ids)}
-        self.matrix = np.vstack(space.vectors).astype(np.float64) if space.vectors else np.empty((0, 0))
+        # float32, as Chroma holds them: 4 bytes x dimension per row in memory, during --deep only
+        self.matrix = np.vstack(space.vectors).astype(np.float32) if space.vectors else np.empty((0, 0), np.float32)
         if metric == "cosine" and len(self.matrix):
             norms = np.linalg.norm(self.matrix, axis=1, keepdims=True)
             self.matrix = self.matrix / np.where(norms > 0, norms, 1.0)
@@ -434,7 +441,7 @@ class _Findable:
         self.hits = self.wanted = self.measured = 0
 
     def add(self, db: store.Store, ids: list[str], stored: list[np.ndarray]) -> None:
-        searchable = [n for n, v in enumerate(stored) if v.ndim == 1 and len(v) and np.all(np.isfinite(v))]
+        searchable = [n for n, v in enumerate(stored) if v.shape == self.shape and len(v) and np.all(np.isfinite(v))]
         self.lost += [ids[n] for n in range(len(ids)) if n not in searchable]
         if not searchable or not self.k:
             return
@@ -458,7 +465,7 @@ class _Findable:
 
     def _distances(self, query: np.ndarray) -> np.ndarray:
         """Chroma's distance of the space: cosine 1-cos, l2 squared euclidean, ip 1-dot."""
-        q = query.astype(np.float64)
+        q = query.astype(np.float32)
         if self.metric == "l2":
             return np.einsum("ij,ij->i", self.matrix - q, self.matrix - q)
         if self.metric == "cosine":
