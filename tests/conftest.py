@@ -39,6 +39,20 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_shell(line: str, cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A command line exactly as printed, run by a shell, with `chroma-resume` on PATH as an installed
+    console script would be (this interpreter, this checkout)."""
+    shim = cwd / ".shim"
+    shim.mkdir(exist_ok=True)
+    script = shim / "chroma-resume"
+    script.write_text(f'#!/bin/sh\nexec {sys.executable} -m chroma_resume "$@"\n')
+    script.chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
+    full_env.update({"HF_HUB_OFFLINE": "1", **(env or {}), "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"})
+    return subprocess.run(["/bin/sh", "-c", line], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 _READ_ROWS = """
 import json, sys, chromadb
 got = chromadb.PersistentClient(path=sys.argv[1]).get_collection(sys.argv[2]).get(

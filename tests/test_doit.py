@@ -12,7 +12,8 @@ import pytest
 
 from chroma_resume import config as cfg
 from chroma_resume import schema
-from conftest import REPO, summary, write_corpus
+from conftest import REPO, run_shell, summary, write_corpus
+from test_verify import printed_fix
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,14 +119,23 @@ def test_verify_passes_after_a_build_and_fails_after_damage(built):
     assert {ch["name"] for ch in report["indexes"]["default"]["checks"] if not ch["ok"]} == {"count", "ids"}
 
 
-def test_doit_build_repairs_what_verify_found(built):
-    """build's up-to-date check never opens the DB, so the advice forces the run with doit -a."""
+def test_the_fix_doit_verify_prints_runs_as_printed(built):
+    """The fix names the options in effect (here from pyproject), so it repairs this index from a shell."""
     delete_one_chunk(built)
-    assert "doit -a build" in doit(built, "verify").stderr
-    assert "-- build" in doit(built, "build").stdout  # the corpus did not change
-    repair = doit(built, "-a", "build")
-    assert ".  build" in repair.stdout, repair.stdout
+    failing = doit(built, "verify")
+    fix = printed_fix(failing)
+    assert fix.startswith("chroma-resume build ") and "--strict-sync true" in fix
+    assert "-- build" in doit(built, "build").stdout  # doit's up-to-date check reads files, not the store
+    assert run_shell(fix, cwd=built).returncode == 0
     assert doit(built, "verify").returncode == 0
+
+
+def test_doit_keeps_the_cli_exit_codes(built):
+    """CI tells a failed gate (1) from a store it cannot read or reach (5) and a usage error (2)."""
+    assert doit(built, "verify", "--chroma-host", "127.0.0.1", "--chroma-port", "1", "--retry-for", "0").returncode == 5
+    assert doit(built, "verify", "--chroma-port", "0").returncode == 2
+    delete_one_chunk(built)
+    assert doit(built, "verify").returncode == 1
 
 
 def test_help_build_lists_the_options(project):

@@ -3,8 +3,6 @@ and the fix it prints repairs it."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import socket
 import subprocess
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from chroma_resume import config as cfg
-from conftest import HASH_BUILD, run_cli
+from conftest import HASH_BUILD, run_cli, run_shell
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,15 +34,19 @@ def verify(root: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_cli(["verify", *HASH_BUILD, *extra], cwd=root)
 
 
+def printed_fix(failing: subprocess.CompletedProcess) -> str:
+    """The overall fix verify printed (its `fix: ` line on stderr)."""
+    return next(line for line in failing.stderr.splitlines() if line.startswith("fix: "))[len("fix: "):]
+
+
 def apply_fix(root: Path, failing: subprocess.CompletedProcess, base: list[str] = HASH_BUILD) -> None:
-    """Run the build the overall `fix:` line advises, exactly, in its chroma-resume form."""
-    line = next(ln for ln in failing.stderr.splitlines() if ln.startswith("fix: "))
-    aside = re.search(r" mv (\S+) (\S+);", line)
-    if aside:
-        os.replace(*aside.groups())
-    options = re.search(r"\(or chroma-resume build([^)]*)\)", line).group(1).split()
-    done = run_cli(["build", *base, *options], cwd=root)
-    assert done.returncode == 0, done.stdout + done.stderr
+    """Run the overall `fix:` line exactly as printed, from a shell (`base`: the options verify ran with,
+    which the printed line must carry by itself)."""
+    line = printed_fix(failing)
+    for option in base[::2]:
+        assert option in line, f"the fix does not carry {option}: {line}"
+    done = run_shell(line, cwd=root)
+    assert done.returncode == 0, line + "\n" + done.stdout + done.stderr
 
 
 def checks(stdout: str) -> dict[str, tuple[bool, str]]:
@@ -119,7 +121,7 @@ def assert_fails_then_fix_repairs(root: Path, must_fail: set[str], named: str, *
         assert named in checks(result.stdout)[name][1], result.stdout
     assert result.stdout.count("       fix: ") == len(must_fail)
     assert f"verify: FAILED ({', '.join(n for n in checks(result.stdout) if n in must_fail)})" in result.stderr
-    assert "fix: " in result.stderr and "doit -a build" in result.stderr
+    assert "fix: chroma-resume " in result.stderr
 
     apply_fix(root, result)
     again = verify(root, *flags)
@@ -145,7 +147,7 @@ def test_verify_fails_on_an_unfinished_wal_and_passes_once_resumed(built):
     assert "wal" in failed(result.stdout)
     detail = checks(result.stdout)["wal"][1]
     assert run_id in detail and str(wal) in detail and "3 documents committed" in detail
-    assert "clean-wal --force" in result.stderr
+    assert "chroma-resume clean-wal" in detail and "--force` would discard it" in detail  # named; the fix resumes
 
     apply_fix(built, result)
     again = verify(built, "--fresh")

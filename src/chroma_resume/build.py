@@ -67,12 +67,24 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
     model = models.preflight(c)  # every refusal about the model, before anything is created
     p = state.paths(c)
+    if not docs and not (listing.files or listing.dirs) and not c.allow_empty:
+        _refuse_wiping(c, p)
     run_id = uuid.uuid4().hex[:12]
     with state.store_lock(c, run_id), state.WriterLock(p["collection_dir"], run_id), _StopOnSignal() as stop:
         os.makedirs(p["state_dir"], exist_ok=True)
         _remove_temp_files(p)
         run = _Run(c, p, schema.schema_hash(c), model, out, stop, warn)
         return run.execute(docs, listing, started)
+
+
+def _refuse_wiping(c: Config, p: dict) -> None:
+    """A listing that succeeded and found nothing removes every document: right for a corpus emptied on
+    purpose, a disaster for a typo (`--include ''`, the wrong folder). So it asks for --allow-empty."""
+    manifest = state.load_manifest(p["manifest"])
+    if manifest is not None and manifest.documents:
+        raise UsageError(f"the corpus {corpus.source_path(c)} lists no document (include: {' '.join(c.include)!r}): "
+                         f"this build would delete all {len(manifest.documents)} documents of collection "
+                         f"{c.collection!r}. Pass --allow-empty true if that is what you want")
 
 
 def _remove_temp_files(p: dict) -> None:
@@ -152,7 +164,7 @@ class _Run:
         self._stage_line(decision, replay)
         self._open_wal(replay, decision, db.fingerprint()["incarnation"])
         db.before_first_write = lambda: db.mark_writing(self.run_id)
-        self.source = VectorSource(c, self.warn, self.counters)
+        self.source = VectorSource(c, self.warn, self.counters, self.model.dim)
         try:
             return self._run_plan(plan, manifest, started)
         except Exception as exc:

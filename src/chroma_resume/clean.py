@@ -41,7 +41,8 @@ def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> 
 
 def _archive(path: str, target: str) -> None:
     """The archive is durable (file fsynced, renamed into place, folder fsynced) before the WAL it
-    replaces is removed: after a power cut one of them holds the run's records (DESIGN §13)."""
+    replaces is removed: after a power cut one of them holds the run's records (DESIGN §13). A folder
+    that cannot be made or written is the option's fault: exit 2 naming it, the WAL left in place."""
     folder = os.path.dirname(os.path.abspath(target))
     try:
         if not os.path.isdir(folder):
@@ -49,9 +50,11 @@ def _archive(path: str, target: str) -> None:
             wal.fsync_dir(os.path.dirname(folder))  # the new folder's own name
         with open(path, "rb") as src:
             data = gzip.compress(src.read(), mtime=0)
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot archive {path} to {target}: {exc.strerror or exc}") from None
-    state.atomic_write(target, data)
+        state.atomic_write(target, data)
+    except (OSError, RuntimeFailure) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError(f"--archive {folder}: cannot write {os.path.basename(target)}: {cause}; "
+                         f"the WAL is left in place") from None
 
 
 def _remove(path: str) -> None:

@@ -64,10 +64,16 @@ OPTIONS: list[tuple[str, object, str]] = [
                                               "from the cache, or fail (default rebuild)"),
     ("store-check", ("auto", "deep"), "before a build trusts an embedded store, read every row's vector and check the "
                                       "index against the rows: auto = after an unclean end only (default), deep = always"),
+    ("embed-cache-refresh", "bool", "compute every vector this run writes with the model and overwrite its cache "
+                                    "entry (the fix verify --deep prints when stored vectors disagree with the model)"),
+    ("model-download", "bool", "download a hub model missing from the local cache (default false: fail at once, "
+                               "offline)"),
+    ("allow-empty", "bool", "let a build whose corpus lists no document delete every document of a non-empty "
+                            "index (default false: refused, exit 2)"),
 ]
 
 
-def parse_bool(value) -> bool:
+def parse_bool(value, option: str = "") -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -75,7 +81,8 @@ def parse_bool(value) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise cfg.UsageError(f"expected true or false, got {value!r}")
+    named = f"--{option}: " if option else ""
+    raise cfg.UsageError(f"{named}expected true or false, got {value!r}")
 
 
 def resolve_config(given: dict, folder: str = ".", index: str | None = None) -> cfg.Config:
@@ -126,19 +133,21 @@ def _verified(c: cfg.Config) -> int:
     result = verify(c)
     for check in result.checks:
         print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
-    if not result.ok:
+    if not result.ok and result.fix:
         print(f"fix: {result.fix}", file=sys.stderr)
     return 0 if result.ok else 1
 
 
 def cmd_status(c: cfg.Config, args) -> int:
-    from .status import status
+    from .status import status, summary
     report = status(c)
     if args.json:
         print(json.dumps(report))
     else:
+        print("\n".join(summary(report)))
         for key, value in report.items():
-            print(f"{key}={json.dumps(value) if isinstance(value, (list, dict, bool)) else value}")
+            shown = "none" if value is None else json.dumps(value) if isinstance(value, (list, dict, bool)) else value
+            print(f"{key}={shown}")
     return 0
 
 
@@ -168,7 +177,8 @@ def cmd_verify(c: cfg.Config, args) -> int:
         print("verify: ok")
         return 0
     print(f"verify: FAILED ({', '.join(ch.name for ch in result.checks if not ch.ok)})", file=sys.stderr)
-    print(f"fix: {result.fix}", file=sys.stderr)
+    if result.fix:  # a server's broken store has none to run: its check says what to do
+        print(f"fix: {result.fix}", file=sys.stderr)
     return 1
 
 
@@ -227,8 +237,16 @@ COMMANDS = {
 }
 
 
+ABOUT = ("Build and keep a Chroma vector index of a folder of documents (or a JSONL file of units): "
+         "incremental (only added and changed documents are embedded, removed ones deleted), resumable after "
+         "any crash (a write-ahead log records what Chroma accepted), and checkable (verify is a CI gate).")
+EXIT_CODES = ("exit codes: 0 ok, 1 a check failed (verify, --strict-sync), 2 usage or input error, 3 another "
+              "writer holds the lock, 4 WAL corrupt, 5 Chroma or the disk failed (unreachable after retries, "
+              "unreadable store), 130 interrupted. `chroma-resume COMMAND --help` lists every option.")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="chroma-resume", description=__doc__.splitlines()[0])
+    top = argparse.ArgumentParser(prog="chroma-resume", description=ABOUT, epilog=EXIT_CODES)
     subs = top.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
@@ -269,6 +287,9 @@ def run(command: str, options: dict, extra, index: str | None = None) -> int:
     """Shared by the CLI and the doit tasks: resolve the config, show it, run the command."""
     try:
         c = resolve_config(options, index=index)
+        # The hub library reads this when first imported: downloads only when asked for (models.preflight
+        # refuses a hub model missing from the local cache at once, instead of a minute of retries).
+        os.environ["HF_HUB_OFFLINE"] = "0" if c.model_download else os.environ.get("HF_HUB_OFFLINE", "1")
         machine_output = getattr(extra, "json", False)  # keep stdout one JSON object
         print(describe(c), file=sys.stderr if machine_output else sys.stdout, flush=True)
         return COMMANDS[command][0](c, extra)

@@ -9,6 +9,7 @@ credentials belong in the environment, not in options, pyproject or logs).
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Literal
@@ -66,6 +67,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     progress: Literal["auto", "on", "off"] = "auto"
     on_store_corrupt: Literal["rebuild", "fail"] = "rebuild"
     store_check: Literal["auto", "deep"] = "auto"  # auto: deep only after an unclean end (DESIGN §13)
+    embed_cache_refresh: bool = False  # compute every vector with the model and overwrite its cache entry
+    model_download: bool = False  # a hub model missing from the local cache: fail at once (False) or download it
+    allow_empty: bool = False  # let a build delete every document of a non-empty index (an empty listing)
 
 
 def make_config(**options) -> Config:
@@ -77,8 +81,9 @@ def make_config(**options) -> Config:
             given[key] = tuple(value.split()) if isinstance(value, str) else tuple(value)
     try:
         config = msgspec.convert(given, Config, strict=False)
-    except msgspec.ValidationError as exc:
-        raise UsageError(f"invalid option: {exc}") from None
+    except msgspec.ValidationError as exc:  # msgspec names the field as `$.chroma_port`: name the option
+        named = re.sub(r" - at `\$\.(\w+)`", lambda m: f" (--{m.group(1).replace('_', '-')})", str(exc))
+        raise UsageError(f"invalid option: {named}") from None
     _check(config)
     return config
 
@@ -98,8 +103,15 @@ def _check(c: Config) -> None:
     if not 0 <= c.min_chunk_chars <= c.chunk_chars:
         raise UsageError("--min-chunk-chars must be between 0 and --chunk-chars")
     check_collection_name(c.collection)
-    if c.embed_model.startswith("hash:") and not c.embed_model[5:].isdigit():
-        raise UsageError(f"--embed-model {c.embed_model!r}: the stand-in embedder is hash:DIM, e.g. hash:64")
+    if c.embed_model.startswith("hash:") and not (c.embed_model[5:].isdigit() and int(c.embed_model[5:]) > 0):
+        raise UsageError(f"--embed-model {c.embed_model!r}: the stand-in embedder is hash:DIM, DIM at least 1, "
+                         f"e.g. hash:64")
+    if not 1 <= c.chroma_port <= 65535:
+        raise UsageError(f"--chroma-port {c.chroma_port}: a TCP port, 1 to 65535")
+    if not (c.chroma_timeout > 0 and math.isfinite(c.chroma_timeout)):
+        raise UsageError(f"--chroma-timeout {c.chroma_timeout:g}: seconds per request, more than 0")
+    if not (c.retry_for >= 0 and math.isfinite(c.retry_for)):
+        raise UsageError(f"--retry-for {c.retry_for:g}: seconds, 0 or more")
 
 
 _NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9]$")

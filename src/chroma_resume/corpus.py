@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import hashlib
+import math
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 import msgspec
 
 from . import config as cfg
+from . import state
 from .config import Config
 from .errors import UsageError
 
@@ -105,6 +107,10 @@ def _walk(root: str, include: Iterable[str], exclude: Iterable[str], skip: Warn)
             uri = f"{rel}/{name}" if rel else name
             if any(fnmatch.fnmatch(uri, p) or fnmatch.fnmatch(name, p) for p in exclude):
                 continue
+            if not _valid_utf8(name) and (os.path.isdir(full) or any(fnmatch.fnmatch(name, p) for p in include)):
+                # no uri, doc_id or Chroma id can carry it: kept as unreadable (skipped is not deleted)
+                skip("not_utf8_name", _escaped(uri), "file name is not valid UTF-8 (rename it to index it)")
+                continue
             if os.path.islink(full):
                 target = os.path.realpath(full)
                 if not os.path.exists(target):
@@ -122,6 +128,20 @@ def _walk(root: str, include: Iterable[str], exclude: Iterable[str], skip: Warn)
                 stack.append((full, uri))
             elif any(fnmatch.fnmatch(name, p) for p in include):
                 yield full, uri
+
+
+def _valid_utf8(name: str) -> bool:
+    """os.listdir decodes undecodable bytes as lone surrogates, which no UTF-8 text can hold."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(uri: str) -> str:
+    """The name as bytes a person can read: undecodable bytes shown as \\xNN."""
+    return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_file(c: Config, full: str, uri: str, skip: Warn) -> Document | None:
@@ -168,6 +188,31 @@ class _Unit(msgspec.Struct):
 _unit_decoder = msgspec.json.Decoder(_Unit)
 
 
+INT64 = (-2**63, 2**63 - 1)  # Chroma stores ints as int64; a larger one would come back as a float
+
+
+def _metadata_problems(metadata: dict | None) -> list[str]:
+    """Why Chroma could not store a unit's metadata exactly (DESIGN §8: refused naming the line,
+    never dropped or changed silently): values must be str, bool, int64 or finite float; keys
+    non-empty, not Chroma's reserved `chroma:*`, not a key chroma-resume writes on every chunk."""
+    problems = []
+    for key, value in (metadata or {}).items():
+        if not key or key.startswith("chroma:") or key in state.CHUNK_KEYS:
+            why = "an empty key" if not key else "reserved by Chroma" if key.startswith("chroma:") else \
+                "written by chroma-resume on every chunk"
+            problems.append(f"metadata key {key!r}: {why}")
+        elif isinstance(value, bool) or isinstance(value, str):
+            continue
+        elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+            problems.append(f"metadata {key!r}: {value} is outside int64 (give it as a string)")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"metadata {key!r}: {value} is not a finite number")
+        elif not isinstance(value, (int, float)):
+            kind = "null" if value is None else type(value).__name__
+            problems.append(f"metadata {key!r}: a {kind} value; Chroma stores str, int, float or bool")
+    return problems
+
+
 def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document]:
     """Validate the whole file before yielding, so bad input stops the run before any write."""
     errors: list[str] = []
@@ -182,6 +227,7 @@ def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document
             except msgspec.DecodeError as exc:
                 errors.append(f"{location}:{lineno}: {exc}")
                 continue
+            errors += [f"{location}:{lineno}: {problem}" for problem in _metadata_problems(unit.metadata)]
             if unit.source_uri in first_line:
                 errors.append(f"{location}:{lineno}: duplicate source_uri {unit.source_uri!r} "
                               f"(first on line {first_line[unit.source_uri]})")
@@ -210,6 +256,5 @@ def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document
                 source_type=unit.source_type or "unit",
                 updated_at=unit.updated_at or "",
                 text=unit.text,
-                metadata={k: v for k, v in (unit.metadata or {}).items()
-                          if isinstance(v, (str, int, float, bool))},
+                metadata=unit.metadata or {},  # checked by _metadata_problems: stored exactly as given
             )

@@ -85,12 +85,16 @@ def find(folder: str, name: str | None) -> Index:
 
 def resolve(index: Index, given: dict, root: str | None = None) -> cfg.Config:
     """Built-in defaults < the index's tables < given options (None = not given)."""
-    merged = {**index.options, **{k.replace("_", "-"): v for k, v in given.items() if v is not None}}
+    stated = {k.replace("_", "-"): v for k, v in given.items() if v is not None}
+    configured = index.options
+    if {"docs", "units"} & set(stated):  # a corpus named here replaces the configured one, of either kind
+        configured = {k: v for k, v in configured.items() if k not in ("docs", "units")}
+    merged = {**configured, **stated}
     if root is not None and "root" not in merged:
         merged["root"] = root
     for name, kind, _ in cli.OPTIONS:
         if (kind == "bool" or name == "wal") and name in merged:
-            merged[name] = cli.parse_bool(merged[name])
+            merged[name] = cli.parse_bool(merged[name], name)
     try:
         return cfg.make_config(**merged)
     except UsageError as exc:
@@ -117,7 +121,7 @@ def _split(where: str, table: dict) -> tuple[dict, dict]:
 def _option_value(where: str, key: str, kind, value):
     try:
         if kind == "bool" or key == "wal":  # wal is on|off on the command line, a bool in Config
-            return cli.parse_bool(value)
+            return cli.parse_bool(value, key)
         if key in ("include", "exclude") and isinstance(value, str):
             return value
         if isinstance(kind, tuple):

@@ -27,6 +27,7 @@ from . import embedding, failpoints, models, state, wal
 from .chunking import chunk_text
 from .config import Config
 from .corpus import Document
+from .errors import UsageError
 from .plan import DocAction, Generation
 from .reporting import Progress, Warnings
 
@@ -65,7 +66,7 @@ class VectorSource:
     the rest (`encode`: the worker thread; loaded on the first miss). `encode` is the whole
     contract a pool of remote embedding workers would have to meet: texts in, float32 rows out."""
 
-    def __init__(self, c: Config, warn: Warnings, counters: Counters):
+    def __init__(self, c: Config, warn: Warnings, counters: Counters, declared_dim: int | None = None):
         self.c, self.warn, self.counters = c, warn, counters
         self.model = None
         self.dim: int | None = None  # of the vectors handed out so far
@@ -73,14 +74,24 @@ class VectorSource:
         if c.embed_cache != "off":
             from . import cache
             self.cache = cache.open_cache(c, models.model_fingerprint(c), warn)
+        self.declared_dim = declared_dim  # the preflight's, before a vector is in hand
 
     def lookup(self, texts: list[str]) -> dict[int, np.ndarray]:
-        """Cached vectors that can be right: every embedder here returns finite unit vectors, so a
-        row that is not one (a flipped bit in the file) is a miss, recomputed and overwritten."""
-        found = self.cache.get_many(texts) if self.cache and texts else {}
-        usable = {i: v for i, v in found.items() if np.all(np.isfinite(v)) and abs(np.linalg.norm(v) - 1) < UNIT_SLACK}
-        if len(usable) < len(found):
-            self.warn("embed_cache_bad_vector", count=len(found) - len(usable))
+        """Cached vectors that can be right: every embedder here returns finite unit vectors of the
+        model's dimension, so a row that is not one (a flipped bit, a row of another dimension) is a
+        miss, recomputed and overwritten, with a WARN. --embed-cache-refresh reads none (every vector
+        is computed and its entry overwritten): the repair for cached vectors that look right but are not."""
+        if not self.cache or not texts or self.c.embed_cache_refresh:
+            return {}
+        found = self.cache.get_many(texts)
+        want = self.dim or self.declared_dim
+        wrong = {i for i, v in found.items() if want and v.shape != (want,)}
+        if wrong:
+            self.warn("embed_cache_wrong_dimension", count=len(wrong), expected=want)
+        usable = {i: v for i, v in found.items() if i not in wrong
+                  and np.all(np.isfinite(v)) and abs(np.linalg.norm(v) - 1) < UNIT_SLACK}
+        if len(usable) < len(found) - len(wrong):
+            self.warn("embed_cache_bad_vector", count=len(found) - len(wrong) - len(usable))
         self.counters.chunks_from_cache += len(usable)
         return usable
 
@@ -120,6 +131,8 @@ class Pipeline:
         self.c, self.db, self.log, self.source, self.warn = c, db, log, source, warn
         self.counters, self.committed, self.progress, self.totals = counters, committed, progress, totals
         self.buffer: deque[Chunk] = deque()
+        if c.embed_log:  # a path that cannot be written fails before the first vector is paid for
+            append_embed_log(c, "")
         self.settled: list[OpenDoc] = []  # complete documents whose old generations are to delete
         self.pending: _Prepared | None = None  # the batch whose vectors the model is computing
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
@@ -241,11 +254,21 @@ class Pipeline:
 
     def _embed_log(self, chunks: list[Chunk]) -> None:
         if self.c.embed_log and chunks:
-            fd = os.open(cfg.path(self.c, self.c.embed_log), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, "".join(f"{ch.id}\n" for ch in chunks).encode())
-            finally:
-                os.close(fd)
+            append_embed_log(self.c, "".join(f"{ch.id}\n" for ch in chunks))
+
+
+def append_embed_log(c: Config, text: str) -> None:
+    """Append to --embed-log; a file that cannot be written is the option's fault, named (exit 2), and the
+    build records RUN_FINISH reason=error, so the next run resumes."""
+    path = cfg.path(c, c.embed_log)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise UsageError(f"--embed-log {path}: cannot append: {exc.strerror or exc}") from None
 
 
 def delete_generations(db, log, gens: list[Generation], reason: str, batch: int, counters: Counters) -> None:

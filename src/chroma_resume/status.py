@@ -11,6 +11,7 @@ import sqlite3
 
 from . import config as cfg
 from . import state, store, wal
+from .commands import command_line
 from .config import Config
 from .errors import ChromaResumeError
 from .plan import resume_decision
@@ -39,11 +40,11 @@ def status(c: Config) -> dict:
         replay = None
         report["wal_error"] = str(exc)
     start = replay.start if replay else None
-    report.update({
-        "wal_run_id": start.run_id if start else "",
-        "wal_version": start.wal_version if start else "",
-        "wal_finished_ok": bool(replay and replay.finished_ok),
-        "wal_last_event": replay.last_event if replay else "",
+    report.update({  # None (printed "none", JSON null) where there is no WAL to say it: not "", not false
+        "wal_run_id": start.run_id if start else None,
+        "wal_version": start.wal_version if start else None,
+        "wal_finished_ok": replay.finished_ok if replay else None,
+        "wal_last_event": replay.last_event if replay else None,
         "wal_truncated_tail_ignored": bool(replay and replay.truncated_tail),
         "wal_docs_committed": replay.docs_committed if replay else 0,
         "wal_committed_batches": replay.committed_batches if replay else 0,
@@ -62,15 +63,39 @@ def status(c: Config) -> dict:
     report["store_files_ok"] = not damaged
     if damaged:  # what a power cut leaves: Chroma's segment files emptied (a small index may rebuild them itself)
         report["store_damaged_files"] = damaged[:3]
-        report["store_fix"] = ("doit verify tells whether Chroma can still read them; doit build (or chroma-resume "
-                               "repair) sets an unreadable folder aside and rebuilds it from the cache")
+        report["store_fix"] = (f"{command_line(c, 'verify')} tells whether Chroma can still read them; "
+                               f"{command_line(c, 'repair')} sets an unreadable folder aside and rebuilds it from "
+                               f"the cache")
     stale = store.stale_index(c)  # a cut can revert Chroma's index files while every file still reads
     report["store_index_ok"] = not stale
     if stale:
         report["store_index_problem"] = stale
-        report["store_fix"] = "doit repair (or chroma-resume repair): sets the folder aside and rebuilds it from the cache"
+        report["store_fix"] = f"{command_line(c, 'repair')}: sets the folder aside and rebuilds it from the cache"
     report["samples"] = _samples(replay, manifest)
     return report
+
+
+def summary(report: dict) -> list[str]:
+    """What a person needs at a glance, before the key=value lines machines read."""
+    index = (f"index {report['collection']!r} in {report['db_path']}: " + (
+        f"manifest for {report['state_docs']} document(s), {report['state_expected_chunks']} chunk(s)"
+        if report["state_present"] else "no manifest (never built with this configuration, or its build never "
+                                        "finished)"))
+    if "state_error" in report:
+        index = f"index {report['collection']!r}: manifest unreadable ({report['state_error']})"
+    if "wal_error" in report:
+        run = f"WAL corrupt: a build would refuse (exit 4): {report['wal_error']}"
+    elif not report["wal_present"]:
+        run = "no unfinished run: the next build starts a new one"
+    else:
+        verdict = "resume it" if report["resume_active"] else "not resume it"
+        run = (f"run {report['wal_run_id']} {'finished' if report['wal_finished_ok'] else 'unfinished'}, "
+               f"{report['wal_docs_committed']} document(s) committed: a build would {verdict} "
+               f"({report['resume_reason']})")
+    lines = [f"[STATUS] {index}", f"[STATUS] {run}"]
+    if not report["store_files_ok"]:
+        lines.append(f"[STATUS] Chroma folder damaged: {report['store_fix']}")
+    return lines
 
 
 def _incarnation(c: Config) -> str | None:

@@ -445,10 +445,11 @@ class Endpoint(str):
     `self.where` to `_retry` as before, and `_retry` learns from it how long to keep trying."""
 
     retry_for: float = DEFAULT_RETRY_FOR
+    embedded: bool = False  # a local folder: no network between us and it, so nothing to wait for
 
-    def __new__(cls, address: str, retry_for: float) -> "Endpoint":
+    def __new__(cls, address: str, retry_for: float, embedded: bool = False) -> "Endpoint":
         self = super().__new__(cls, address)
-        self.retry_for = retry_for
+        self.retry_for, self.embedded = retry_for, embedded
         return self
 
 
@@ -459,14 +460,19 @@ def client(c: Config):
     # tenant and database only when given: chromadb's defaults otherwise
     scope = {k: v for k, v in (("tenant", c.chroma_tenant), ("database", c.chroma_database)) if v}
     if not c.chroma_host:
-        where = Endpoint(cfg.db_identity(c), c.retry_for)
+        where = Endpoint(cfg.db_identity(c), c.retry_for, embedded=True)
+        try:  # a folder that cannot be made is the option's fault, not something to retry
+            os.makedirs(where, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--db {where}: cannot create the Chroma folder: {exc.strerror or exc}") from None
         return _retry(where, "open", lambda: chromadb.PersistentClient(path=str(where), **scope)), where
     api_url = _api_url(c)
     where = Endpoint(api_url.removesuffix(API_PATH), c.retry_for)
     headers = request_headers(c)
 
     def connect():
-        _probe(api_url, headers, c.chroma_timeout)
+        # a silent host holds one attempt for its whole timeout: never longer than the retry window
+        _probe(api_url, headers, min(c.chroma_timeout, max(c.retry_for, 1.0)))
         # chromadb adds its own keys to the dict it is given: hand it a copy
         chroma = chromadb.HttpClient(host=c.chroma_host, port=c.chroma_port, ssl=c.chroma_ssl,
                                      headers=dict(headers), **scope)
@@ -580,7 +586,7 @@ def _retry(where: str, what: str, call: Callable):
         except ChromaResumeError:
             raise  # already says what happened (e.g. a bad option found while connecting)
         except Exception as exc:
-            if _corrupt(exc):
+            if _corrupt(exc) or _broken_embedded(where, exc):
                 raise StoreCorrupt(f"Chroma at {where} cannot read its own files ({what}: {_describe(exc)})") from None
             if not _transient(exc):
                 raise _refused(where, what, exc) from None
@@ -628,6 +634,13 @@ _CORRUPT_SIGNS = ("segment reader", "Error deserializing", "Error loading hnsw",
 
 def _corrupt(exc: BaseException) -> bool:
     return any(sign in str(link) for link in _chain(exc) for sign in _CORRUPT_SIGNS)
+
+
+def _broken_embedded(where: str, exc: BaseException) -> bool:
+    """An embedded store that fails a read is broken, not unreachable: there is no server to come back.
+    Only a lock held by another process (SQLite's "database is locked") is worth waiting for."""
+    return (getattr(where, "embedded", False) and _transient(exc)
+            and not any("database is locked" in str(link) for link in _chain(exc)))
 
 
 def _status_transient(status: int) -> bool:
