@@ -281,8 +281,9 @@ def model_fingerprint(c: Config) -> str:
 def _not_local(c: Config, where: str) -> str:
     if os.path.isdir(where):
         return f"model folder {where} has no config.json: it is empty or not a transformers model"
-    return (f"model {c.embed_model!r} is not in the local hub cache, and builds do not download models: "
-            f"fetch it once (e.g. `huggingface-cli download {c.embed_model}`) or pass a local folder")
+    return (f"model {c.embed_model!r} is not in the local hub cache, and builds do not download models "
+            f"unless asked: --model-download true fetches it (or `huggingface-cli download {c.embed_model}`, "
+            f"or pass a local folder)")
 
 
 _LFS_POINTER = b"version https://git-lfs"
@@ -329,6 +330,17 @@ def _safetensors_problem(fh, head: bytes, size: int) -> str | None:
     return None
 
 
+def _download(c: Config) -> None:
+    """--model-download true: fetch the hub model into the local hub cache first, so that every check
+    below (and the content identity) reads real files."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(c.embed_model)
+    except Exception as exc:  # the hub library's errors are many; each is a model we cannot have
+        raise ModelLoadError(f"cannot download model {c.embed_model!r}: {exc}") from None
+
+
 def preflight(c: Config) -> ModelInfo:
     """Every check that can refuse this model, without torch (unless a CUDA device is named) and
     without loading weights. Raises ModelLoadError (exit 2) naming the model and the fix."""
@@ -336,6 +348,8 @@ def preflight(c: Config) -> ModelInfo:
         return ModelInfo(location=c.embed_model, fingerprint=c.embed_model, dim=int(c.embed_model[5:]),
                          max_length=None)
     where = location(c)
+    if c.model_download and not os.path.isdir(where) and model_file(where, "config.json") is None:
+        _download(c)
     config = _read_json(model_file(where, "config.json"))
     if not config:
         raise ModelLoadError(_not_local(c, where))
