@@ -215,7 +215,8 @@ def _apply(r: Replay, ev: Event) -> None:
         # Over a committed generation too: a rewrite of its rows (metadata, source) may stop half way,
         # so what it holds is known again only from its next DOC_COMMITTED (or by checking the rows).
         g = _generation(r, ev.uri, ev.doc_id, ev.content_sha256, ev.n_chunks)
-        g.state, g.n_chunks = "begun", max(g.n_chunks, ev.n_chunks)
+        if g.state != "committed" or not failpoints.enabled("bug.begin_keeps_commit"):
+            g.state, g.n_chunks = "begun", max(g.n_chunks, ev.n_chunks)
     elif isinstance(ev, UpsertBatchCommitted):
         r.committed_batches += 1
         r.chunks_upserted_total = ev.chunks_upserted_total
