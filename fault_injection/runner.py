@@ -428,7 +428,7 @@ def _judge(a: _Attempt) -> None:
         (got.space == space, f"the collection's index uses space {got.space}, the options say {space}"),
         (got.fingerprint == gold.facts.fingerprint,
          f"the collection records schema {got.fingerprint}, the golden's records {gold.facts.fingerprint}"),
-        (not unseen, f"no WARN {', '.join(unseen)}: the tampering was not repaired by the final reconcile"),
+        (not unseen, f"no WARN {', '.join(unseen)}: the tampering was not repaired"),
     ]
     for ok, why in checks:
         if not ok:

@@ -5,10 +5,12 @@
 Where the crash matrix varies one crash and one change, a sequence chains many (DESIGN §13: no
 sequence may end with exit 0 over an index that differs from a clean build). Each step changes
 the world (a units JSONL corpus: text edits, metadata flips, doc_id re-keys, adds, removes, reverts
-to an earlier corpus; options: chunking, distance space, model, sync mode; the --db folder moved)
-and then runs one build in some mode: to completion, SIGKILLed at a random boundary (a failpoint
-and hit number drawn at random: a boundary never reached means the run finished), a torn WAL
-append, SIGTERM, `--write-state false`, `--wal off`, `--wal off` and killed, `--resume off`.
+to an earlier corpus, a doc_id carried to another source_uri; options: chunking, distance space,
+model, sync mode; the --db folder moved) and then runs one build in some mode: to completion,
+SIGKILLed at a random boundary (a failpoint and hit number drawn at random: a boundary never
+reached means the run finished), a torn WAL append, a kill under `--wal-fsync off|interval`
+followed by power loss (the WAL cut back to its last observed fsync), SIGTERM, `--write-state
+false`, `--wal off` (finished, killed, or stopped by SIGTERM), `--resume off`.
 A sequence ends with a normal build of the final corpus and options; its rows (ids, documents,
 metadata, vectors, read in a fresh process) must equal a clean build's in a new folder, and
 `verify` must pass. The stand-in embedder (`hash:DIM`) keeps a step under a second or two.
@@ -33,21 +35,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .scenarios import WORDS
+from chroma_resume.corpus import doc_id_for
+
+from . import walfile
+from .engine import SYNC_LOG_ENV
+from .scenarios import HARNESS_ROOT, WORDS
 
 COLLECTION = "seq"
 UNITS = "units.jsonl"
 TIMEOUT = 300.0  # seconds for one build
+START_UNITS = 8
 KILL_POINTS = ("lock.acquired", "store.after_upsert", "store.after_delete", "build.reconcile",
                "manifest.before_replace", "manifest.after_replace", "wal.after_append:DOC_BEGIN",
                "wal.after_append:UPSERT_BATCH_COMMITTED", "wal.after_append:DOC_COMMITTED",
                "wal.after_append:DELETE_INTENT", "wal.after_append:DELETE_OLD_DONE",
                "wal.after_append:DELETE_STALE_DONE", "wal.after_append:DOC_DONE",
                "wal.before_append:RUN_FINISH")
+ONCE_PER_RUN = ("lock.acquired", "build.reconcile", "manifest.before_replace", "manifest.after_replace",
+                "wal.before_append:RUN_FINISH")  # a later hit is never reached: always the first
 TORN_EVENTS = ("DOC_BEGIN", "UPSERT_BATCH_COMMITTED", "DOC_COMMITTED", "DELETE_OLD_DONE", "DOC_DONE")
 # Run modes, with their weights: most steps crash somewhere.
-MODES = {"finish": 2, "kill": 5, "torn": 2, "sigterm": 1, "write-state-false": 2, "wal-off": 2,
-         "wal-off-kill": 2, "resume-off": 1}
+MODES = {"finish": 2, "kill": 5, "torn": 2, "powerloss": 2, "sigterm": 1, "write-state-false": 2, "wal-off": 2,
+         "wal-off-kill": 2, "wal-off-sigterm": 1, "resume-off": 1}
 OPTIONS = {"--chunk-chars": ("1200", "700"), "--hnsw-space": ("cosine", "l2"), "--embed-model": ("hash:32", "hash:24"),
            "--sync-mode": ("incremental", "delete-stale", "none")}
 
@@ -104,7 +113,8 @@ def _mutate(world: World, rng: random.Random) -> list[str]:
     """One to three changes of the corpus, the options or the database's place; what was done."""
     done = []
     for _ in range(rng.randint(1, 3)):
-        kind = rng.choice(("edit", "edit", "flip", "flip", "rekey", "add", "remove", "revert", "option", "move-db"))
+        kind = rng.choice(("edit", "edit", "flip", "flip", "rekey", "rename", "add", "remove", "revert", "option",
+                           "move-db"))
         units = world.units
         if kind == "revert" and world.history:
             world.units = copy.deepcopy(rng.choice(world.history))
@@ -141,6 +151,12 @@ def _mutate(world: World, rng: random.Random) -> list[str]:
             else:
                 u["doc_id"] = f"{u['source_uri']}-k{rng.randint(0, 3)}"
             done.append(f"re-key {u['source_uri']} to {u.get('doc_id', '(default)')}")
+        elif kind == "rename":  # another source_uri carries the same doc_id (and text): the same chunk ids
+            old = u["source_uri"]
+            u["doc_id"] = u.get("doc_id") or doc_id_for(old)
+            u["source_uri"] = f"u{world.next_id:03d}"
+            world.next_id += 1
+            done.append(f"rename {old} to {u['source_uri']} keeping doc_id {u['doc_id']}")
         elif kind == "remove":
             units.remove(u)
             done.append(f"remove {u['source_uri']}")
@@ -150,16 +166,20 @@ def _mutate(world: World, rng: random.Random) -> list[str]:
 def _mode(rng: random.Random) -> tuple[str, list[str], str]:
     """(mode, extra options, failpoint spec) of one run."""
     mode = rng.choices(list(MODES), weights=list(MODES.values()))[0]
-    hit = rng.randint(1, 4)
-    kill = f"{rng.choice(KILL_POINTS)}@{hit}=kill"
+    hit = rng.randint(1, 3)
+    point = rng.choice(KILL_POINTS)
+    kill = f"{point}@{1 if point in ONCE_PER_RUN else hit}=kill"
     return {
         "finish": (mode, [], ""),
         "kill": (mode, [], kill),
         "torn": (mode, [], f"wal.append:{rng.choice(TORN_EVENTS)}@{hit}=torn"),
+        "powerloss": (mode, ["--wal-fsync", rng.choice(("off", "interval"))], kill),
         "sigterm": (mode, [], f"store.after_upsert@{hit}=sleep(1500)"),
+        "wal-off-sigterm": (mode, ["--wal", "off"], f"store.after_upsert@{hit}=sleep(1500)"),
         "write-state-false": (mode, ["--write-state", "false"], kill if rng.random() < 0.4 else ""),
         "wal-off": (mode, ["--wal", "off"], ""),
-        "wal-off-kill": (mode, ["--wal", "off"], f"{rng.choice(('store.after_upsert', 'store.after_delete', 'build.reconcile'))}@{hit}=kill"),
+        "wal-off-kill": (mode, ["--wal", "off"], rng.choice((f"store.after_upsert@{hit}", f"store.after_delete@{hit}",
+                                                            "build.reconcile@1")) + "=kill"),
         "resume-off": (mode, ["--resume", "off"], kill if rng.random() < 0.5 else ""),
     }[mode]
 
@@ -172,13 +192,15 @@ def _env(failpoints: str = "") -> dict[str, str]:
     return env
 
 
-def _cli(folder: Path, args: list[str], failpoints: str = "", sigterm_after: str = "") -> subprocess.CompletedProcess:
-    """The engine's CLI as a user runs it. With `sigterm_after`, SIGTERM is sent once the failpoint
-    trace shows that boundary (the run sleeps there, so the signal lands mid-run)."""
-    command = [sys.executable, "-m", "chroma_resume", *args]
+def _cli(folder: Path, args: list[str], failpoints: str = "", sigterm_after: str = "",
+         sync_log: Path | None = None) -> subprocess.CompletedProcess:
+    """The engine's CLI as a user runs it (through the fsync observer of engine.py when `sync_log`
+    is given). With `sigterm_after`, SIGTERM is sent once the failpoint trace shows that boundary
+    (the run sleeps there, so the signal lands mid-run)."""
+    command = [sys.executable, "-m", "fault_injection.engine" if sync_log else "chroma_resume", *args]
     if not sigterm_after:
-        return subprocess.run(command, cwd=folder, env=_env(failpoints), capture_output=True, text=True,
-                              timeout=TIMEOUT)
+        env = _env(failpoints) | ({SYNC_LOG_ENV: str(sync_log), "PYTHONPATH": _harness_path()} if sync_log else {})
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     trace = folder / "trace.log"
     trace.unlink(missing_ok=True)
     proc = subprocess.Popen(command, cwd=folder, env=_env(f"{failpoints};trace={trace}"), stdout=subprocess.PIPE,
@@ -193,6 +215,21 @@ def _cli(folder: Path, args: list[str], failpoints: str = "", sigterm_after: str
         time.sleep(0.01)
     out, err = proc.communicate(timeout=TIMEOUT)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _harness_path() -> str:
+    return os.pathsep.join(filter(None, [HARNESS_ROOT, os.environ.get("PYTHONPATH")]))
+
+
+def _lose_unsynced(folder: Path, sync_log: Path) -> list[str]:
+    """Power loss after a kill: every WAL the run fsynced is cut back to its last fsync (what the
+    observer logged), as the page cache would lose it. WALs the run never touched are left alone."""
+    touched = {line.split("\t")[0] for line in sync_log.read_text().splitlines()} if sync_log.exists() else set()
+    cut = []
+    for wal in sorted(folder.glob("state/*/*/index_state.stage.jsonl")):
+        if os.path.realpath(wal) in touched:
+            cut.append(walfile.damage(str(wal), "powerloss", walfile.synced_size(sync_log, str(wal))))
+    return cut
 
 
 _READ_ROWS = """
@@ -233,8 +270,8 @@ def run_sequence(seed: int, index: int, steps: int, base: Path, keep: bool = Fal
     rng = random.Random(f"{seed}:{index}")
     folder = base / f"seq{index:03d}"
     folder.mkdir(parents=True)
-    world = World(units=[_unit(rng, n) for n in range(6)], options={k: v[0] for k, v in OPTIONS.items()})
-    world.next_id = 6
+    world = World(units=[_unit(rng, n) for n in range(START_UNITS)], options={k: v[0] for k, v in OPTIONS.items()})
+    world.next_id = START_UNITS
     out = Outcome(seed, index, [], n_steps=steps)
     began = time.monotonic()
     try:
@@ -251,10 +288,15 @@ def run_sequence(seed: int, index: int, steps: int, base: Path, keep: bool = Fal
                 (folder / old_db).rename(folder / world.db)
             _write(folder, world.units)
             mode, extra, spec = _mode(rng)
-            sigterm = spec.split("=")[0] if mode == "sigterm" else ""
-            done = _cli(folder, ["build", *world.args(), *extra], spec, sigterm_after=sigterm)
-            out.steps.append(f"{'; '.join(changes)} | run {mode} {' '.join(extra)} {spec}: exit {done.returncode}")
-            allowed = {0, -signal.SIGKILL} | ({130} if mode == "sigterm" else set())
+            sigterm = spec.split("=")[0] if mode.endswith("sigterm") else ""
+            sync_log = folder / "sync.log" if mode == "powerloss" else None
+            done = _cli(folder, ["build", *world.args(), *extra], spec, sigterm_after=sigterm, sync_log=sync_log)
+            lost = _lose_unsynced(folder, sync_log) if sync_log and done.returncode == -signal.SIGKILL else []
+            out.steps.append(f"{'; '.join(changes)} | run {mode} {' '.join(extra)} {spec}: exit {done.returncode}"
+                             + (f", WAL {', '.join(lost)}" if lost else ""))
+            if sync_log:
+                sync_log.unlink(missing_ok=True)
+            allowed = {0, -signal.SIGKILL} | ({130} if mode.endswith("sigterm") else set())
             if done.returncode not in allowed:
                 raise _Break(f"step {len(out.steps)} exited {done.returncode}: {done.stderr.strip()[-600:]}")
         final = _cli(folder, ["build", *world.args(final=True)])
@@ -314,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="sequences run at once (default 2)")
     p.add_argument("--work-dir", help="where the temporary folders go")
     p.add_argument("--keep", action="store_true", help="keep every folder for inspection")
+    p.add_argument("--verbose", action="store_true", help="print the steps of passing sequences too")
     args = p.parse_args(argv)
     outcomes = run(args.sequences, args.seed, args.steps, only=args.only, workers=args.workers,
                    work_dir=args.work_dir, keep=args.keep)
     for o in outcomes:
-        print(o.report() if not o.ok else f"sequence {o.index} (seed {o.seed}): ok, {len(o.steps)} runs, {o.seconds}s")
+        print(o.report() if not o.ok or args.verbose else
+              f"sequence {o.index} (seed {o.seed}): ok, {len(o.steps)} runs, {o.seconds}s")
     failed = [o for o in outcomes if not o.ok]
     print(f"{len(outcomes)} sequences, {len(failed)} failed")
     return 1 if failed else 0
