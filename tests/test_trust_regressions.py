@@ -63,3 +63,30 @@ def test_a_rewrite_under_another_source_uri_cut_short_then_reverted(tmp_path):
     shutil.copy(units, clean / "units.jsonl")
     assert run_cli(["build", *UNITS], cwd=clean).returncode == 0
     assert collection_rows(root / ".chroma", "test") == collection_rows(clean / ".chroma", "test")
+
+
+@pytest.mark.timeout(240)
+def test_a_doc_id_carried_away_and_back_is_not_trusted_from_the_manifest(tmp_path):
+    """Found by fault_injection.sequences (seed 5, sequence 6): the manifest says A holds generation D:T;
+    a run carries doc_id D (same text) to source_uri B, rewriting the same ids with B's metadata, and dies
+    before its manifest; the corpus goes back to A. The manifest's claim is older than the WAL's record
+    of those ids under B, so it is no evidence: before, the build said "up to date" over rows naming B."""
+    root = tmp_path / "run"
+    root.mkdir()
+    text = " ".join(f"word{i}" for i in range(700))
+    other = json.dumps({"source_uri": "C", "text": "other text here " * 20})
+    a = json.dumps({"source_uri": "A", "text": text, "metadata": {"k": 1}}) + "\n" + other + "\n"
+    b = json.dumps({"source_uri": "B", "doc_id": doc_id_for("A"), "text": text, "metadata": {"k": 1}}) + "\n" + other + "\n"
+    units = root / "units.jsonl"
+    units.write_text(a)
+    assert run_cli(["build", *UNITS], cwd=root).returncode == 0
+    units.write_text(b)
+    moved = run_cli(["build", *UNITS], cwd=root, env={"CHROMA_RESUME_FAILPOINTS": "manifest.before_replace=kill"})
+    assert moved.returncode == -signal.SIGKILL
+    units.write_text(a)
+    after = run_cli(["build", *UNITS], cwd=root)
+    assert after.returncode == 0, after.stderr
+    assert "up to date" not in after.stdout and "wal_ahead_of_db" not in after.stderr
+    sources = {m["source_uri"] for _, m, _ in collection_rows(root / ".chroma", "test").values()}
+    assert sources == {"A", "C"}
+    assert run_cli(["verify", *UNITS], cwd=root).returncode == 0
