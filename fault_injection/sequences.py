@@ -266,7 +266,10 @@ def _differences(want: dict, got: dict) -> str:
     return "; ".join(filter(None, parts))
 
 
-def run_sequence(seed: int, index: int, steps: int, base: Path, keep: bool = False) -> Outcome:
+def run_sequence(seed: int, index: int, steps: int, base: Path, keep: bool = False,
+                 verify_each: bool = True) -> Outcome:
+    """One sequence; with `verify_each`, every run that exits 0 claiming an index is verified too, so
+    an "ok" over a wrong index is caught even when a later step would repair it."""
     rng = random.Random(f"{seed}:{index}")
     folder = base / f"seq{index:03d}"
     folder.mkdir(parents=True)
@@ -299,6 +302,11 @@ def run_sequence(seed: int, index: int, steps: int, base: Path, keep: bool = Fal
             allowed = {0, -signal.SIGKILL} | ({130} if mode.endswith("sigterm") else set())
             if done.returncode not in allowed:
                 raise _Break(f"step {len(out.steps)} exited {done.returncode}: {done.stderr.strip()[-600:]}")
+            if verify_each and done.returncode == 0 and _claims_an_index(mode, world):
+                checked = _cli(folder, ["verify", *world.args()])
+                if checked.returncode != 0:
+                    raise _Break(f"step {len(out.steps)} exited 0 but verify fails: "
+                                 f"{_failed_checks(checked.stdout + checked.stderr)}")
         final = _cli(folder, ["build", *world.args(final=True)])
         out.steps.append(f"run final (normal build, --sync-mode incremental): exit {final.returncode}")
         if final.returncode != 0:
@@ -316,7 +324,7 @@ def run_sequence(seed: int, index: int, steps: int, base: Path, keep: bool = Fal
                                                                    if up_to_date else ""))
         checked = _cli(folder, ["verify", *world.args(final=True)])
         if checked.returncode != 0:
-            raise _Break(f"verify exited {checked.returncode}: {(checked.stdout + checked.stderr).strip()[-600:]}")
+            raise _Break(f"verify exited {checked.returncode}: {_failed_checks(checked.stdout + checked.stderr)}")
     except _Break as exc:
         out.failure = str(exc)
     except Exception as exc:  # a harness error is a failing sequence, with its steps
@@ -329,17 +337,28 @@ def run_sequence(seed: int, index: int, steps: int, base: Path, keep: bool = Fal
     return out
 
 
+def _claims_an_index(mode: str, world: World) -> bool:
+    """A run that exited 0 and wrote a manifest says the collection is exactly its corpus (not with
+    --write-state false, which writes none, nor --sync-mode none, which leaves old generations)."""
+    return mode != "write-state-false" and world.options["--sync-mode"] != "none"
+
+
+def _failed_checks(output: str) -> str:
+    failed = [line for line in output.splitlines() if line.startswith("[FAIL]")]
+    return " | ".join(failed)[:800] or output.strip()[-600:]
+
+
 class _Break(Exception):
     """A sequence ended wrong: the message says how."""
 
 
 def run(sequences: int, seed: int, steps: int, *, only: int | None = None, workers: int = 1,
-        work_dir: str | None = None, keep: bool = False) -> list[Outcome]:
+        work_dir: str | None = None, keep: bool = False, verify_each: bool = True) -> list[Outcome]:
     base = Path(tempfile.mkdtemp(prefix="sequences-", dir=work_dir))
     indexes = [only] if only is not None else list(range(sequences))
     try:
         with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda i: run_sequence(seed, i, steps, base, keep), indexes))
+            return list(pool.map(lambda i: run_sequence(seed, i, steps, base, keep, verify_each), indexes))
     finally:
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
@@ -357,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", help="where the temporary folders go")
     p.add_argument("--keep", action="store_true", help="keep every folder for inspection")
     p.add_argument("--verbose", action="store_true", help="print the steps of passing sequences too")
+    p.add_argument("--no-verify-each", action="store_true",
+                   help="verify only at the end, not after every run that exits 0 with a manifest (faster)")
     args = p.parse_args(argv)
     outcomes = run(args.sequences, args.seed, args.steps, only=args.only, workers=args.workers,
-                   work_dir=args.work_dir, keep=args.keep)
+                   work_dir=args.work_dir, keep=args.keep, verify_each=not args.no_verify_each)
     for o in outcomes:
         print(o.report() if not o.ok or args.verbose else
               f"sequence {o.index} (seed {o.seed}): ok, {len(o.steps)} runs, {o.seconds}s")
