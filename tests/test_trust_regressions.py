@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import signal
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +13,15 @@ from chroma_resume import wal
 from chroma_resume.corpus import doc_id_for
 
 UNITS = [a for a in HASH_BUILD if a not in ("--docs", "corpus")] + ["--units", "units.jsonl", "--upsert-batch", "2"]
+
+
+def _carried() -> tuple[str, str]:
+    """Two units files: A (several chunks) and C; then A's doc_id and text under source_uri B, and C."""
+    text = " ".join(f"word{i}" for i in range(700))
+    other = json.dumps({"source_uri": "C", "text": "other text here " * 20})
+    a = json.dumps({"source_uri": "A", "text": text, "metadata": {"k": 1}})
+    b = json.dumps({"source_uri": "B", "doc_id": doc_id_for("A"), "text": text, "metadata": {"k": 1}})
+    return f"{a}\n{other}\n", f"{b}\n{other}\n"
 
 
 def test_a_doc_begin_demotes_the_same_ids_committed_under_another_uri(tmp_path):
@@ -41,11 +49,8 @@ def test_a_rewrite_under_another_source_uri_cut_short_then_reverted(tmp_path):
     only the resume check's repair, a functional WARN wal_ahead_of_db, saved it)."""
     root = tmp_path / "run"
     root.mkdir()
-    text = " ".join(f"word{i}" for i in range(700))
-    other = json.dumps({"source_uri": "C", "text": "other text here " * 20})
-    a = json.dumps({"source_uri": "A", "text": text, "metadata": {"k": 1}}) + "\n" + other + "\n"
-    b = json.dumps({"source_uri": "B", "doc_id": doc_id_for("A"), "text": text, "metadata": {"k": 1}}) + "\n" + other + "\n"
     units = root / "units.jsonl"
+    a, b = _carried()
     units.write_text(a)
     first = run_cli(["build", *UNITS], cwd=root, env={"CHROMA_RESUME_FAILPOINTS": "build.reconcile=kill"})
     assert first.returncode == -signal.SIGKILL
@@ -73,11 +78,8 @@ def test_a_doc_id_carried_away_and_back_is_not_trusted_from_the_manifest(tmp_pat
     of those ids under B, so it is no evidence: before, the build said "up to date" over rows naming B."""
     root = tmp_path / "run"
     root.mkdir()
-    text = " ".join(f"word{i}" for i in range(700))
-    other = json.dumps({"source_uri": "C", "text": "other text here " * 20})
-    a = json.dumps({"source_uri": "A", "text": text, "metadata": {"k": 1}}) + "\n" + other + "\n"
-    b = json.dumps({"source_uri": "B", "doc_id": doc_id_for("A"), "text": text, "metadata": {"k": 1}}) + "\n" + other + "\n"
     units = root / "units.jsonl"
+    a, b = _carried()
     units.write_text(a)
     assert run_cli(["build", *UNITS], cwd=root).returncode == 0
     units.write_text(b)
