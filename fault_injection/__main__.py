@@ -18,6 +18,10 @@ PLANTED_BUGS = {
     "bug.count_only_reconcile": "the final reconcile compares counts, not id sets (tamper-after-crash)",
     "bug.delete_before_barrier": "deletes before the WAL records justifying them are fsynced "
                                  "(undo-after-crash+fsync-off, store.after_delete@target)",
+    "bug.skip_audit": "a collection marked by a run no record covers is trusted unaudited (wal-off-then-revert)",
+    "bug.resume_ids_only": "a resumed document is skipped when its ids are there, whatever they hold "
+                           "(meta-tamper-after-crash)",
+    "bug.begin_keeps_commit": "a DOC_BEGIN over a committed generation leaves it committed (rewrite-cut-then-redone)",
 }
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .scenarios import ATTIC, COLLECTION, Scenario, engine_paths, mixed
+from .scenarios import ATTIC, COLLECTION, MOVED_DB, UNITS, UNITS_START, Scenario, engine_paths, mixed, read_units, write_units
 
 FOREIGN_SHA = "f0e1d2c3b4a5"  # the generation part of the id tampering adds
 
@@ -29,6 +29,8 @@ class Change:
     apply: Callable[[Path, list[str]], None]
     anchor: str | None = None  # WAL event about the target: sampled kills come after the first one
     in_golden: bool = True
+    finish_first: bool = False  # a build with the first options is run to exit 0 before the change
+    new_schema: bool = False  # the change makes another schema (a model swapped behind its path)
 
 
 def _documents(folder: Path, s: Scenario) -> list[str]:
@@ -93,6 +95,38 @@ def _tamper_target(folder: Path, s: Scenario) -> list[str]:
     return [next(uri for uri in mixed(folder, "unchanged") if manifest.documents[uri].n_chunks >= 2)]
 
 
+def _revert_units(folder: Path, uris: list[str]) -> None:
+    """The units' lines as the starting index was built from them (a metadata flip undone)."""
+    start = {u["source_uri"]: u for u in read_units(folder / ATTIC / UNITS_START)}
+    write_units(folder / UNITS, [start[u["source_uri"]] if u["source_uri"] in uris else u
+                                 for u in read_units(folder / UNITS)])
+
+
+def _move_db_and_revert(folder: Path, uris: list[str]) -> None:
+    (folder / "db").rename(folder / MOVED_DB)
+    _revert_units(folder, uris)
+
+
+def _swap_model(folder: Path, uris: list[str]) -> None:
+    from . import tinymodel
+
+    tinymodel.swap_weights(folder / "tiny-model")
+
+
+def _tamper_meta(folder: Path, uris: list[str]) -> None:
+    """Behind the tool's back: one stored row of a committed document gets other metadata (same id,
+    text and vector), so only a resume check that reads content finds it."""
+    import chromadb
+    from chromadb.api.client import SharedSystemClient
+
+    try:
+        col = chromadb.PersistentClient(path=str(folder / "db")).get_collection(COLLECTION)
+        got = col.get(where={"source_uri": uris[0]}, include=["metadatas"])
+        col.update(ids=[got["ids"][0]], metadatas=[{**got["metadatas"][0], "lang": "tampered"}])
+    finally:
+        SharedSystemClient.clear_system_cache()
+
+
 CHANGES: dict[str, Change] = {c.name: c for c in (
     Change("edit", _documents, _edit, anchor="DOC_COMMITTED"),
     Change("delete", _documents, _delete, anchor="DOC_COMMITTED"),
@@ -100,4 +134,12 @@ CHANGES: dict[str, Change] = {c.name: c for c in (
     Change("restore", lambda folder, s: mixed(folder, "removed"), _put_back, anchor="DELETE_STALE_DONE"),
     Change("unreadable", lambda folder, s: mixed(folder, "unchanged")[:2], _make_unreadable, in_golden=False),
     Change("tamper", _tamper_target, _tamper, in_golden=False),
+    Change("revert", lambda folder, s: mixed(folder, "flipped"), _revert_units, anchor="DOC_COMMITTED"),
+    Change("finish-then-revert", lambda folder, s: mixed(folder, "flipped"), _revert_units, anchor="DOC_COMMITTED",
+           finish_first=True),
+    Change("move-db-then-revert", lambda folder, s: mixed(folder, "flipped"), _move_db_and_revert,
+           anchor="DOC_COMMITTED"),
+    Change("swap-model", lambda folder, s: [], _swap_model, new_schema=True),
+    Change("tamper-meta", lambda folder, s: mixed(folder, "flipped"), _tamper_meta, anchor="DOC_COMMITTED",
+           in_golden=False),
 )}

@@ -52,7 +52,7 @@ def read(folder: Path, s: Scenario, final: bool = True) -> Facts:
     from chroma_resume import state, store, verify
 
     c = engine_config(folder, s, final)
-    with _collection(folder) as col:
+    with _collection(folder, s, final) as col:
         got = col.get(include=["documents", "metadatas", "embeddings"])
         rows = {i: (d, m, np.asarray(e, dtype=np.float32))
                 for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])}
@@ -67,19 +67,22 @@ def read(folder: Path, s: Scenario, final: bool = True) -> Facts:
     return Facts(rows, documents, os.path.exists(paths["wal"]), result.ok, failed, space, fingerprint)
 
 
-def ids(folder: Path) -> set[str]:
-    """Every id the folder's collection holds now."""
-    with _collection(folder) as col:
+def ids(folder: Path, s: Scenario) -> set[str]:
+    """Every id the folder's collection holds now (its --db under the final options)."""
+    with _collection(folder, s) as col:
         return set(col.get(include=[])["ids"])
 
 
 @contextlib.contextmanager
-def _collection(folder: Path):
+def _collection(folder: Path, s: Scenario, final: bool = True):
     import chromadb
     from chromadb.api.client import SharedSystemClient
 
+    from chroma_resume import config
+
     try:
-        yield chromadb.PersistentClient(path=str(folder / "db")).get_collection(COLLECTION)
+        c = engine_config(folder, s, final)
+        yield chromadb.PersistentClient(path=config.path(c, c.db)).get_collection(COLLECTION)
     finally:
         SharedSystemClient.clear_system_cache()  # one client per folder would otherwise pile up
 

@@ -25,6 +25,10 @@ WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega riv
          "lantern meadow orbit signal vector index chunk ember quartz willow falcon").split()
 ATTIC = "attic"  # beside the corpus: the text each mixed document had in the starting index
 MIX_RECORD = "mix.json"  # which documents the mix grew, shrank, rewrote, removed, added or left alone
+UNITS = "units.jsonl"  # the corpus of the `units` start (a units JSONL: metadata, doc_ids)
+UNITS_START = "units.start.jsonl"  # in the attic: the units the starting index was built from
+MOVED_DB = "db-moved"  # where the move-db-then-revert change moves the row's --db folder
+TINY_MODEL = ("--embed-model", "tiny-model", "--pooling", "mean")  # a random BERT folder (tinymodel.py)
 HARNESS_ROOT = str(Path(__file__).resolve().parent.parent)  # so builds can run `-m fault_injection.engine`
 FSYNC_OFF = ("--wal-fsync", "off")
 FSYNC_INTERVAL = ("--wal-fsync", "interval", "--wal-fsync-interval", "7")
@@ -36,6 +40,9 @@ class Scenario:
     why: str
     kind: str = "kill"  # kill | sigterm | writer | random
     start: str = "cold"  # cold | mix (built index, then adds/edits/deletes) | schema (index of another chunk size)
+    #                      | units (units JSONL index, then metadata flips, an edit, a re-key, an add, a remove)
+    #                      | units-cut (units, whose run committed everything and died before its manifest; then
+    #                        a flip undone, a run that died half way through rewriting it, the flip redone)
     build_args: tuple[str, ...] = ()
     resume_args: tuple[str, ...] = ()  # options changed between the first kill and the resume
     damage: tuple[str, ...] = ("none",)  # applied after each kill, rotated over the rows
@@ -144,6 +151,30 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("second-writer", "a second build while the first holds the lock, then the holder is killed",
              kind="writer", points=("lock.acquired", "wal.after_append:DOC_COMMITTED"), default_rows=2),
     Scenario("random-kills", "SIGKILLs at random moments of a 200-document build", kind="random", docs=200),
+    # DESIGN §13: no exit 0 over a wrong index when a record is missing, moved or out of date.
+    Scenario("meta-revert-after-crash", "units: metadata flips (same ids) cut by a crash, then reverted before "
+             "the resume", start="units", docs=12, build_args=("--upsert-batch", "2"), change="revert",
+             default_rows=3),
+    Scenario("write-state-false-then-revert", "a crashed --write-state false run is finished (no manifest, WAL "
+             "cleared), then its flips reverted: only the collection's mark says what changed", start="units",
+             docs=12, build_args=("--write-state", "false"), resume_args=("--write-state", "true"),
+             change="finish-then-revert", default_rows=2),
+    Scenario("wal-off-then-revert", "--wal off killed mid-run (no record but the mark), flips reverted, resumed "
+             "with the WAL on", start="units", docs=12, build_args=("--wal", "off", "--upsert-batch", "2"),
+             resume_args=("--wal", "on"), change="revert", points=("store.", "build.reconcile"), default_rows=2),
+    Scenario("moved-db-then-revert", "the --db folder is moved between crash and resume, and the flips reverted",
+             start="units", docs=12, resume_args=("--db", MOVED_DB), change="move-db-then-revert",
+             default_rows=2),
+    Scenario("meta-tamper-after-crash", "units: a committed document's stored metadata is changed behind the "
+             "tool's back before the resume: the resume check must read content, not ids", start="units",
+             docs=12, change="tamper-meta", expect_warns=("wal_ahead_of_db",), default_rows=2,
+             points=("wal.after_append:DOC_COMMITTED", "store.after_upsert")),
+    Scenario("rewrite-cut-then-redone", "units: a run committed a flip and died before its manifest; the flip "
+             "undone, a rewrite cut half way, the flip redone: the WAL's commit is demoted", start="units-cut",
+             docs=12, default_rows=2),
+    Scenario("model-swap-after-crash", "the model folder's weights change behind the same path between crash "
+             "and resume: a schema change", docs=8, model=TINY_MODEL, change="swap-model", default_rows=1,
+             points=("wal.after_append:DOC_COMMITTED", "store.after_upsert")),
     Scenario("real-model", "the packaged MiniLM model instead of the stand-in", docs=10, model=(),
              points=("wal.after_append:DOC_COMMITTED", "store.after_upsert", "wal.append:UPSERT")),
 )}
@@ -164,7 +195,8 @@ def _text(rng: random.Random, words: int) -> str:
 def engine_args(s: Scenario, *extra: str, final: bool = False) -> list[str]:
     """The engine options of this scenario, relative to the row's folder (shared by build and
     verify): those of the first run, or with `final` those of every run after the first kill."""
-    return ["--docs", "corpus", "--collection", COLLECTION, "--upsert-batch", "16", "--progress", "off",
+    source = ("--units", UNITS) if s.start.startswith("units") else ("--docs", "corpus")
+    return [*source, "--collection", COLLECTION, "--upsert-batch", "16", "--progress", "off",
             "--db", "db", "--state-root", "state", *s.model, *s.build_args, *(s.resume_args if final else ()),
             *extra]
 
@@ -209,8 +241,15 @@ def engine_env(failpoints: str = "", sync_log: Path | None = None) -> dict[str, 
 
 def prepare(s: Scenario, folder: Path, seed: int) -> None:
     """The scenario's starting state: the corpus, and an older index where it needs one."""
-    corpus = folder / "corpus"
-    write_corpus(corpus, s.docs, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if s.model == TINY_MODEL:
+        from . import tinymodel
+
+        tinymodel.make(folder / "tiny-model", seed)
+    if s.start.startswith("units"):
+        write_units(folder / UNITS, _units(s.docs, seed))
+    else:
+        write_corpus(folder / "corpus", s.docs, seed)
     if s.start == "cold":
         return
     old_schema = ("--chunk-chars", "600", "--overlap-chars", "100") if s.start == "schema" else ()
@@ -220,6 +259,10 @@ def prepare(s: Scenario, folder: Path, seed: int) -> None:
     (folder / "embed.log").unlink()  # the embeddings counted are those of the runs under test
     if s.start == "mix":
         _mix(folder, s.docs, seed)
+    if s.start.startswith("units"):
+        _units_mix(folder, s.docs, seed)
+    if s.start == "units-cut":
+        _cut_rewrite(folder, plain)
 
 
 def _mix(folder: Path, n: int, seed: int) -> None:
@@ -251,3 +294,64 @@ def _mix(folder: Path, n: int, seed: int) -> None:
 def mixed(folder: Path, kind: str) -> list[str]:
     """The uris of one kind of the mix (grown, shrunk, same-size, removed, added, unchanged)."""
     return json.loads((folder / MIX_RECORD).read_text(encoding="utf-8"))[kind]
+
+
+def write_units(path: Path, units: list[dict]) -> None:
+    path.write_text("".join(json.dumps(u, sort_keys=True) + "\n" for u in units), encoding="utf-8")
+
+
+def read_units(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _units(n: int, seed: int, first: int = 0) -> list[dict]:
+    """n units of one to five chunks, with metadata of several types."""
+    rng = random.Random(seed)
+    return [{"source_uri": f"u{i:03d}", "text": _text(rng, rng.choice((60, 300, 600, 900))),
+             "metadata": {"lang": "en", "rank": i, "draft": False}} for i in range(first, first + n)]
+
+
+def _units_mix(folder: Path, n: int, seed: int) -> None:
+    """Metadata flips (same text, same ids) of documents of several chunks, a text edit, a
+    doc_id re-key, an add and a remove; the starting units are kept in the attic."""
+    attic = folder / ATTIC
+    attic.mkdir()
+    shutil.copy2(folder / UNITS, attic / UNITS_START)
+    units = read_units(folder / UNITS)
+    multi = [u["source_uri"] for u in units if len(u["text"]) > 2000]
+    kinds = {"flipped": multi[:3], "edited": [units[-3]["source_uri"]], "rekeyed": [units[-2]["source_uri"]],
+             "removed": [units[-1]["source_uri"]]}
+    rng = random.Random(seed + 1)
+    for u in units:
+        if u["source_uri"] in kinds["flipped"]:
+            u["metadata"] = {**u["metadata"], "lang": "fr", "draft": True}
+        elif u["source_uri"] in kinds["edited"]:
+            u["text"] += _text(rng, 200)
+        elif u["source_uri"] in kinds["rekeyed"]:
+            u["doc_id"] = f"{u['source_uri']}-v2"
+    added = _units(1, seed + 2, first=n)
+    write_units(folder / UNITS, [u for u in units if u["source_uri"] not in kinds["removed"]] + added)
+    record = {**kinds, "added": [u["source_uri"] for u in added]}
+    (folder / MIX_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+def _cut_rewrite(folder: Path, plain: Scenario) -> None:
+    """DESIGN §13 "resumed means checked by content": the mix is committed by a run that dies before
+    its manifest; the first flip is undone and a run dies after rewriting half of that document's
+    rows (same ids); the flip is redone. The WAL calls the flipped generation committed, then begun
+    again; half its rows hold the undone metadata."""
+    def die_at(spec: str, *extra: str) -> None:
+        done = subprocess.run(build_command(plain, *extra), cwd=folder, env=engine_env(spec), capture_output=True,
+                              timeout=600)
+        if done.returncode != -9:
+            raise RuntimeError(f"units-cut start: the run meant to die at {spec} exited {done.returncode}: "
+                               f"{done.stderr.decode(errors='replace')[-500:]}")
+
+    die_at("build.reconcile=kill")
+    mixed_units = read_units(folder / UNITS)
+    target = mixed(folder, "flipped")[0]
+    start = {u["source_uri"]: u for u in read_units(folder / ATTIC / UNITS_START)}
+    write_units(folder / UNITS, [start[target] if u["source_uri"] == target else u for u in mixed_units])
+    die_at("store.after_upsert@1=kill", "--upsert-batch", "2")
+    write_units(folder / UNITS, mixed_units)
+    (folder / "embed.log").unlink(missing_ok=True)

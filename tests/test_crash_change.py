@@ -67,9 +67,9 @@ def test_unreadable_files_are_skipped_not_absent(mix_start, tmp_path):
 def test_tampering_keeps_the_count_and_swaps_one_id(mix_start, tmp_path):
     folder = _copy(mix_start, tmp_path)
     (target,) = CHANGES["tamper"].candidates(folder, SCENARIOS["tamper-after-crash"])
-    before = compare.ids(folder)
+    before = compare.ids(folder, SCENARIOS["tamper-after-crash"])
     CHANGES["tamper"].apply(folder, [target])
-    after = compare.ids(folder)
+    after = compare.ids(folder, SCENARIOS["tamper-after-crash"])
     entry = _manifest(folder).documents[target]
     assert len(after) == len(before) and entry.n_chunks >= 2
     assert before - after == {state.chunk_id(entry.doc_id, entry.content_sha256, entry.n_chunks - 1)}

@@ -51,6 +51,25 @@ def test_a_row_of_every_kind_recovers(tmp_path):
     assert {r.damage for r in rows} >= {"none", "powerloss"}
 
 
+# DESIGN §13, the rows no planted-bug case runs as its control (tests/test_planted_bugs.py runs
+# wal-off-then-revert, meta-tamper-after-crash and rewrite-cut-then-redone): a model swapped behind
+# its path, a --write-state false run finished then reverted, a moved --db then reverted, a metadata
+# rewrite cut by a crash then reverted.
+TRUST_KINDS = ("model-swap-after-crash", "write-state-false-then-revert", "moved-db-then-revert",
+               "meta-revert-after-crash")
+
+
+@pytest.mark.timeout(300)
+def test_a_row_of_every_trust_by_evidence_kind_recovers(tmp_path):
+    rows = _run(tmp_path, scenarios=TRUST_KINDS, points=1, chain=2)
+    assert [r.scenario for r in rows] == list(TRUST_KINDS)
+    for r in rows:
+        assert r.recovered and r.kills >= 1 and -9 in r.exits and r.exits[-1] == 0 and r.verify == "pass"
+        assert (r.lost, r.duplicated, r.orphans, r.mismatched) == (0, 0, 0, 0)
+    swap = rows[0]
+    assert swap.reembedded > 0  # the first model's vectors are not reused: a swapped model is another schema
+
+
 @pytest.mark.timeout(240)
 def test_real_model_rows_recover(tmp_path):
     rows = matrix.run(matrix.Options(work_dir=str(tmp_path), scenarios=("real-model",), real_model_rows=2))

@@ -169,8 +169,11 @@ def _known(uri: str, known: DocEntry | None, replay: Replay | None, trust_commit
     found: dict[str, _Known] = {}
     if known is not None:
         gen = Generation(uri, known.doc_id, known.content_sha256, known.n_chunks)
-        found[generation_key(known.doc_id, known.content_sha256)] = _Known(
-            gen, "manifest", meta_sha256(known.metadata, known.source_type))
+        key = generation_key(known.doc_id, known.content_sha256)
+        # The WAL (newer than the manifest) logged these ids under another uri, a doc_id carried over:
+        # they may hold that uri's metadata now, or be gone. The manifest's claim is no evidence then.
+        moved = replay is not None and any(other != uri for other in replay.uris_of.get(key, ()))
+        found[key] = _Known(gen, "partial" if moved else "manifest", meta_sha256(known.metadata, known.source_type))
     wal_gens = replay.generations.get(uri, {}) if replay else {}
     for key, g in wal_gens.items():
         if g.deleted and failpoints.enabled("bug.ignore_wal_deletions"):

@@ -184,6 +184,7 @@ class Replay(msgspec.Struct, kw_only=True):
     committed_batches: int = 0
     chunks_upserted_total: int = 0
     generations: dict[str, dict[str, Generation]] = {}  # uri -> generation_key -> generation
+    uris_of: dict[str, list[str]] = {}  # generation_key -> the uris it was logged under (a doc_id can move)
 
     @property
     def finished_ok(self) -> bool:
@@ -199,6 +200,7 @@ def _generation(r: Replay, uri: str, doc_id: str, sha: str, n_chunks: int) -> Ge
     key = generation_key(doc_id, sha)
     if key not in gens:
         gens[key] = Generation(doc_id, sha, n_chunks)
+        r.uris_of.setdefault(key, []).append(uri)
     return gens[key]
 
 
@@ -214,8 +216,15 @@ def _apply(r: Replay, ev: Event) -> None:
     elif isinstance(ev, DocBegin):
         # Over a committed generation too: a rewrite of its rows (metadata, source) may stop half way,
         # so what it holds is known again only from its next DOC_COMMITTED (or by checking the rows).
+        # The same ids may be committed under another uri (a doc_id carried to another source_uri):
+        # this rewrite changes their source_uri, so that commit is demoted too.
+        key = generation_key(ev.doc_id, ev.content_sha256)
         g = _generation(r, ev.uri, ev.doc_id, ev.content_sha256, ev.n_chunks)
-        g.state, g.n_chunks = "begun", max(g.n_chunks, ev.n_chunks)
+        rewritten = [r.generations[uri][key] for uri in r.uris_of[key]]
+        for same in [g] + [other for other in rewritten if other is not g and other.committed]:
+            if same.committed and failpoints.enabled("bug.begin_keeps_commit"):
+                continue
+            same.state, same.n_chunks = "begun", max(same.n_chunks, ev.n_chunks)
     elif isinstance(ev, UpsertBatchCommitted):
         r.committed_batches += 1
         r.chunks_upserted_total = ev.chunks_upserted_total
