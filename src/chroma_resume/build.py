@@ -21,7 +21,7 @@ from typing import TextIO
 import msgspec
 
 from . import config as cfg
-from . import corpus, embedding, failpoints, state, store, wal
+from . import corpus, embedding, executor, failpoints, state, store, wal
 from .config import Config
 from .errors import CheckFailed, ChromaResumeError, Interrupted, StoreCorrupt, UsageError, WalCorrupt
 from .pipeline import Counters, OpenDoc, Pipeline, VectorSource, delete_generations
@@ -63,6 +63,7 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     listing = corpus.Listing()
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
     embedding.model_location(c)
+    executor.connect(c)  # Ray missing (exit 2) or its cluster unreachable (exit 5): before anything is written
     p = state.paths(c)
     with state.WriterLock(p["collection_dir"], run_id=uuid.uuid4().hex[:12]), _StopOnSignal() as stop:
         os.makedirs(p["state_dir"], exist_ok=True)
