@@ -58,10 +58,12 @@ def connect(c: Config) -> None:
         _reachable(address)
     try:
         ray.init(address=address, num_cpus=_local_cpus(c) if address is None else None,
-                 include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+                 include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=False,
+                 runtime_env={"py_modules": [os.path.dirname(os.path.abspath(__file__))]})
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
         raise RuntimeFailure(f"--ray-address {c.ray_address}: cannot reach a Ray cluster ({exc}); start one with "
-                             f"`ray start --head` or give its address") from None
+                             f"`ray start --head` or give its address (a cluster with token authentication also "
+                             f"needs RAY_AUTH_MODE=token here, or --ray-address auto on one of its nodes)") from None
 
 
 def _import_ray():
