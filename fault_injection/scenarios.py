@@ -136,6 +136,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("second-writer", "a second build while the first holds the lock, then the holder is killed",
              kind="writer", points=("lock.acquired", "wal.after_append:DOC_COMMITTED"), default_rows=2),
     Scenario("random-kills", "SIGKILLs at random moments of a 200-document build", kind="random", docs=200),
+    # Each build starts its own local Ray (--ray-address local): ~5 s a run, so few rows.
+    Scenario("ray-executor", "the model in 2 Ray actors; the killed writer takes its actors with it",
+             build_args=("--executor", "ray", "--ray-address", "local", "--ray-workers", "2",
+                         "--ray-cpus-per-worker", "0.5"), default_rows=3,
+             points=("wal.after_append:DOC_COMMITTED", "store.after_upsert", "wal.append:UPSERT")),
     Scenario("real-model", "the packaged MiniLM model instead of the stand-in", docs=10, model=(),
              points=("wal.after_append:DOC_COMMITTED", "store.after_upsert", "wal.append:UPSERT")),
 )}
