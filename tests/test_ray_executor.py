@@ -118,6 +118,22 @@ def test_real_model_on_ray_equals_local(tmp_path, cluster):
     assert gap <= 1e-6, gap
 
 
+def test_a_worker_that_cannot_load_the_model_is_exit_2(tmp_path, cluster, corpus):
+    root = _copy(corpus, tmp_path)
+    (root / "broken-model").mkdir()
+    (root / "broken-model" / "config.json").write_text('{"model_type": "bert"}')  # no weights, no tokenizer
+    result = ray_build(root, cluster, "--embed-model", "broken-model", "--ray-workers", "1")
+    assert result.returncode == 2, result.stderr
+    assert "a Ray worker cannot load the model" in result.stderr and "broken-model" in result.stderr
+
+
+def test_more_gpus_per_worker_than_the_cluster_has_is_exit_2(workdir, cluster):
+    result = ray_build(workdir, cluster, "--device", "cuda", "--ray-gpus-per-worker", "1")
+    assert result.returncode == 2, result.stderr
+    assert "--ray-gpus-per-worker 1: the Ray cluster has 0 GPUs in all" in result.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["corpus"]
+
+
 # ---- no cluster needed -------------------------------------------------------------------
 
 def test_local_path_never_imports_ray(workdir):

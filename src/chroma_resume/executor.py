@@ -64,6 +64,11 @@ def connect(c: Config) -> None:
         raise RuntimeFailure(f"--ray-address {c.ray_address}: cannot reach a Ray cluster ({exc}); start one with "
                              f"`ray start --head` or give its address (a cluster with token authentication also "
                              f"needs RAY_AUTH_MODE=token here, or --ray-address auto on one of its nodes)") from None
+    have = ray.cluster_resources()
+    for option, resource, need in (("--ray-cpus-per-worker", "CPU", c.ray_cpus_per_worker),
+                                   ("--ray-gpus-per-worker", "GPU", c.ray_gpus_per_worker)):
+        if need > have.get(resource, 0):  # an actor no node can hold would wait forever
+            raise UsageError(f"{option} {need:g}: the Ray cluster has {have.get(resource, 0):g} {resource}s in all")
 
 
 def _import_ray():
@@ -145,11 +150,18 @@ class EmbedWorker:
 
     def __init__(self, config: bytes):
         c = msgspec.json.decode(config, type=Config)
-        self.model = embedding.load(c)
+        self.error: ModelLoadError | None = None
+        try:
+            self.model = embedding.load(c)
+        except ModelLoadError as exc:  # raised here it would reach the writer as a bare "actor died"
+            self.error = exc
+            return
         probe = np.asarray(self.model.encode(["dimension probe"]), dtype=np.float32)
         self.identity = Identity(embedding.model_fingerprint(c), int(probe.shape[1]), socket.gethostname())
 
     def who(self) -> Identity:
+        if self.error:
+            raise ModelLoadError(f"on {socket.gethostname()}: {self.error}")
         return self.identity
 
     def encode(self, batch_no: int, texts: list[str]) -> tuple[int, Identity, np.ndarray]:
@@ -191,11 +203,10 @@ class RayExecutor:
         for actor in actors:
             try:
                 identity = self.ray.get(actor.who.remote())
+            except self.ray.exceptions.RayTaskError as exc:
+                raise ModelLoadError(f"a Ray worker cannot load the model {exc.cause}") from None
             except self.ray.exceptions.RayActorError as exc:
-                cause = getattr(exc, "cause", None) or exc
-                if isinstance(cause, ModelLoadError):
-                    raise ModelLoadError(f"a Ray worker cannot load the model: {cause}") from None
-                raise RuntimeFailure(f"a Ray worker did not start: {cause}") from None
+                raise RuntimeFailure(f"a Ray worker did not start: {exc}") from None
             self.dim = checked(identity, self.fingerprint, self.dim)
             self.busy[actor] = 0
 
@@ -243,6 +254,9 @@ class RayBatch:
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                 self.pool._lost(self, exc)
                 continue
+            except ray.exceptions.RayTaskError as exc:  # the model failed on these texts (out of memory, ...)
+                raise RuntimeFailure(f"Ray worker failed on batch {self.batch_no}: {exc.cause!r}; the WAL is intact, "
+                                     f"rerun to resume") from None
             break
         if self.actor in self.pool.busy:
             self.pool.busy[self.actor] -= 1
