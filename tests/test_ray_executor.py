@@ -136,6 +136,13 @@ def test_more_gpus_per_worker_than_the_cluster_has_is_exit_2(workdir, cluster):
 
 # ---- no cluster needed -------------------------------------------------------------------
 
+def test_more_batches_in_flight_locally_write_the_same_index(tmp_path, corpus, local_rows):
+    root = _copy(corpus, tmp_path)
+    result = run_cli(["build", *HASH, "--max-batches-in-flight", "3"], cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert collection_rows(root / ".chroma", "test", digits=None) == local_rows
+
+
 def test_local_path_never_imports_ray(workdir):
     check = ("import sys; from chroma_resume.cli import main; rc = main(sys.argv[1:]); "
              "assert 'ray' not in sys.modules, 'ray imported'; sys.exit(rc)")
