@@ -151,7 +151,8 @@ class Pipeline:
         self.settle()
 
     def close(self) -> None:
-        """After an error: batches not written are forgotten (the cache holds what came back)."""
+        """After an error: batches not yet written are dropped; their vectors were neither cached nor
+        logged, so the rerun computes them (the executor itself is closed with the VectorSource)."""
         self.pending.clear()
 
     def flush_one(self) -> None:
