@@ -100,30 +100,55 @@ def ceiling(runner: Runner, a: argparse.Namespace) -> dict:
 
 
 def _raw_upserts(runner: Runner, n: int, dim: int) -> dict:
-    """The peer: what `collection.upsert` alone sustains in a fresh process for n rows like the build's
-    (1,200-character texts, 8 metadata keys, unit vectors, 256 rows per call), no scan, no WAL, no cache."""
+    """The peer: a script that chunks the same corpus and calls `collection.upsert` with the same rows
+    (ids, texts, metadata; random unit vectors), 256 per call, in a fresh process: no cache, no WAL."""
     r = runner.run("chromadb-upserts", [sys.executable, __file__, "worker", json.dumps(
-        {"path": str(runner.root / "raw-db"), "n": n, "dim": dim})], env=ENV)
+        {"path": str(runner.root / "raw-db"), "corpus": str(runner.root / "big"), "dim": dim})], env=ENV)
     assert r["rc"] == 0, f"the raw upsert worker failed: {Path(r['stderr_file']).read_text()[-2000:]}"
-    r["summary"] = {"chunks_upserted": n}
+    upserted = int(r["stdout"].split()[-1])
+    assert upserted == n, f"the peer upserted {upserted} rows, the build {n}"
+    r["summary"] = {"chunks_upserted": upserted}
     return r
 
 
 def raw_upsert_worker(a: dict) -> None:
+    import hashlib
+
     import chromadb
     import numpy as np
+
+    from chroma_resume import state
+    from chroma_resume.chunking import chunk_text
 
     rng = np.random.default_rng(0)
     collection = chromadb.PersistentClient(path=a["path"]).create_collection(
         "raw", metadata={"hnsw:space": "cosine"}, embedding_function=None)
-    text = ("lorem ipsum dolor sit amet " * 50)[:1200]
-    for lo in range(0, a["n"], 256):
-        ids = [f"doc{i // 10}:{i:012x}:{i % 10}" for i in range(lo, min(lo + 256, a["n"]))]
-        vectors = rng.standard_normal((len(ids), a["dim"]), dtype=np.float32)
+    rows: list[tuple] = []
+    upserted = 0
+
+    def flush() -> None:
+        vectors = rng.standard_normal((len(rows), a["dim"]), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        metadatas = [{"source_uri": f"d/{i}.md", "doc_id": i, "content_sha256": i * 4, "chunk_index": 0,
-                      "n_chunks": 10, "source_type": "md", "text_sha256": i * 4, "meta_sha256": i} for i in ids]
-        collection.upsert(ids=ids, embeddings=vectors, documents=[f"{i} {text}" for i in ids], metadatas=metadatas)
+        ids, texts, metadatas = zip(*rows)
+        collection.upsert(ids=list(ids), embeddings=vectors, documents=list(texts), metadatas=list(metadatas))
+        rows.clear()
+
+    root = Path(a["corpus"])
+    for path in sorted(root.rglob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        uri, sha = path.relative_to(root).as_posix(), hashlib.sha256(text.encode()).hexdigest()
+        doc_id = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        chunks = chunk_text(text, 1200, 150, 200)
+        for i, chunk in enumerate(chunks):
+            rows.append((state.chunk_id(doc_id, sha, i), chunk,
+                         state.chunk_metadata(uri, doc_id, sha, "md", {}, i, len(chunks), chunk)))
+            if len(rows) == 256:
+                upserted += len(rows)
+                flush()
+    if rows:
+        upserted += len(rows)
+        flush()
+    print(upserted)
 
 
 def _server_build(runner: Runner, common: tuple[str, ...]) -> dict:
