@@ -30,12 +30,16 @@ HASH = [*HASH_BUILD, "--upsert-batch", "8", "--embed-log", "embedded.log"]
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
-    """The address of a local Ray with 2 CPUs, shared by the module's tests."""
+    """The address of a local Ray with 2 CPUs, shared by the module's tests (the variables ray.init sets
+    in this process, which the builds inherit to join it, are undone afterwards)."""
+    environ = dict(os.environ)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @pytest.fixture(scope="module")
