@@ -175,6 +175,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("model-swap-after-crash", "the model folder's weights change behind the same path between crash "
              "and resume: a schema change", docs=8, model=TINY_MODEL, change="swap-model", default_rows=1,
              points=("wal.after_append:DOC_COMMITTED", "store.after_upsert")),
+    # Each build starts its own local Ray (--ray-address local): ~5 s a run, so few rows.
+    Scenario("ray-executor", "the model in 2 Ray actors; the killed writer takes its actors with it",
+             build_args=("--executor", "ray", "--ray-address", "local", "--ray-workers", "2",
+                         "--ray-cpus-per-worker", "0.5"), default_rows=3,
+             points=("wal.after_append:DOC_COMMITTED", "store.after_upsert", "wal.append:UPSERT")),
     Scenario("real-model", "the packaged MiniLM model instead of the stand-in", docs=10, model=(),
              points=("wal.after_append:DOC_COMMITTED", "store.after_upsert", "wal.append:UPSERT")),
 )}

@@ -57,17 +57,19 @@ _READ_ROWS = """
 import json, sys, chromadb
 got = chromadb.PersistentClient(path=sys.argv[1]).get_collection(sys.argv[2]).get(
     include=["documents", "metadatas", "embeddings"])
-rows = {i: [d, m, [round(float(x), 6) for x in e]]
+digits = int(sys.argv[3]) if len(sys.argv) > 3 else None
+rows = {i: [d, m, [round(float(x), digits) if digits is not None else float(x) for x in e]]
         for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])}
 print(json.dumps(rows))
 """
 
 
-def collection_rows(db: Path, name: str) -> dict[str, tuple]:
-    """id -> (document, metadata, embedding tuple), read in a fresh process: a chromadb client kept
-    in this process can serve stale segments after another process wrote the DB."""
-    out = subprocess.run([sys.executable, "-c", _READ_ROWS, str(db), name], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+def collection_rows(db: Path, name: str, digits: int | None = 6) -> dict[str, tuple]:
+    """id -> (document, metadata, embedding tuple rounded to `digits`, None: as stored), read in a fresh
+    process: a chromadb client kept in this process can serve stale segments after another process wrote the DB."""
+    rounding = [] if digits is None else [str(digits)]
+    out = subprocess.run([sys.executable, "-c", _READ_ROWS, str(db), name, *rounding], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
     return {i: (d, m, tuple(e)) for i, (d, m, e) in json.loads(out).items()}
 
 

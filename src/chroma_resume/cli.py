@@ -70,6 +70,15 @@ OPTIONS: list[tuple[str, object, str]] = [
                                "offline)"),
     ("allow-empty", "bool", "let a build whose corpus lists no document delete every document of a non-empty "
                             "index (default false: refused, exit 2)"),
+    ("executor", ("local", "ray"), "where the model runs: this process, or actors on a Ray cluster; this process "
+                                   "stays the one writer of Chroma, the cache and the WAL (default local)"),
+    ("ray-address", str, "auto (the running cluster), local (start one here), HOST:PORT or ray://HOST:PORT "
+                         "(default auto)"),
+    ("ray-workers", int, "Ray actors, each loading the model once (default 1)"),
+    ("ray-cpus-per-worker", float, "CPUs Ray reserves per actor (default 1)"),
+    ("ray-gpus-per-worker", float, "GPUs Ray reserves per actor, with --device cuda (default 0)"),
+    ("max-batches-in-flight", int, "upsert batches handed to the model and not yet written (default 1 locally, "
+                                   "2 per Ray worker); each holds its texts and vectors in memory"),
 ]
 
 

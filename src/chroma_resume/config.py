@@ -70,6 +70,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     embed_cache_refresh: bool = False  # compute every vector with the model and overwrite its cache entry
     model_download: bool = False  # a hub model missing from the local cache: fail at once (False) or download it
     allow_empty: bool = False  # let a build delete every document of a non-empty index (an empty listing)
+    executor: Literal["local", "ray"] = "local"  # where the model runs; the writer is always this process
+    ray_address: str = "auto"  # auto (the running cluster), local (start one here), HOST:PORT, ray://HOST:PORT
+    ray_workers: int = 1  # actors, each loading the model once
+    ray_cpus_per_worker: float = 1.0
+    ray_gpus_per_worker: float = 0.0
+    max_batches_in_flight: int | None = None  # None: 1 locally, 2 per Ray worker
 
 
 def make_config(**options) -> Config:
@@ -95,9 +101,13 @@ def _check(c: Config) -> None:
         raise UsageError("--max-length must be at least 1")
     if c.embed_batch is not None and c.embed_batch < 1:
         raise UsageError("--embed-batch must be at least 1")
-    for name in ("upsert_batch", "chunk_chars", "delete_batch", "wal_fsync_interval"):
+    for name in ("upsert_batch", "chunk_chars", "delete_batch", "wal_fsync_interval", "ray_workers"):
         if getattr(c, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if c.max_batches_in_flight is not None and c.max_batches_in_flight < 1:
+        raise UsageError("--max-batches-in-flight must be at least 1")
+    if c.ray_cpus_per_worker < 0 or c.ray_gpus_per_worker < 0:
+        raise UsageError("--ray-cpus-per-worker and --ray-gpus-per-worker must be >= 0")
     if not 0 <= c.overlap_chars < c.chunk_chars:
         raise UsageError("--overlap-chars must be >= 0 and smaller than --chunk-chars")
     if not 0 <= c.min_chunk_chars <= c.chunk_chars:

@@ -3,27 +3,28 @@
 Per batch of chunks (a batch spans documents; a document may span batches):
   1. prepare: which ids Chroma already holds, and with what metadata (chunk-level resume);
      vectors for the missing ones from a generation being re-keyed, then the cache; the
-     rest go to the model on a worker thread (`VectorSource.encode`: texts in, float32
-     rows out, the one stage a pool of remote embedding workers can stand in for);
+     rest go to the executor (texts in, float32 rows out: the model on a worker thread, or
+     a pool of Ray actors, see executor.py);
   2. write, once the vectors are back: barrier (the DOC_BEGINs are durable), upsert the
      missing, update changed metadata in place, log, then delete the old generations of
      the documents now complete.
-The model computes batch N+1 while this thread writes batch N and reads and chunks the
-documents after it. Only this thread touches Chroma, the cache and the WAL, so their
-order is the order of DESIGN §4, whatever the model's speed.
+Up to `executor.in_flight(c)` batches are prepared and not yet written (one locally: the
+model computes batch N+1 while this thread writes batch N and reads and chunks the
+documents after it); they are written strictly in the order they were prepared. Only
+this thread touches Chroma, the cache and the WAL, so their order is the order of
+DESIGN §4, whatever the model's speed or where it runs.
 """
 from __future__ import annotations
 
 import os
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
 import numpy as np
 
 from . import config as cfg
-from . import embedding, failpoints, models, state, wal
+from . import embedding, executor, failpoints, models, state, wal
 from .chunking import chunk_text
 from .config import Config
 from .corpus import Document
@@ -62,18 +63,18 @@ class Chunk(msgspec.Struct):
 
 
 class VectorSource:
-    """Vectors for texts: the cache first (`lookup`, `remember`: the build's thread), the model for
-    the rest (`encode`: the worker thread; loaded on the first miss). `encode` is the whole
-    contract a pool of remote embedding workers would have to meet: texts in, float32 rows out."""
+    """Vectors for texts: the cache first (`lookup`, `remember`: the build's thread), the executor
+    for the rest (`encode`: submitted now, `.result()` later; the model is loaded on the first miss)."""
 
     def __init__(self, c: Config, warn: Warnings, counters: Counters, declared_dim: int | None = None):
         self.c, self.warn, self.counters = c, warn, counters
-        self.model = None
         self.dim: int | None = None  # of the vectors handed out so far
+        fingerprint = models.model_fingerprint(c)
+        self.executor = executor.start(c, fingerprint, warn)
         self.cache = None
         if c.embed_cache != "off":
             from . import cache
-            self.cache = cache.open_cache(c, models.model_fingerprint(c), warn)
+            self.cache = cache.open_cache(c, fingerprint, warn)
         self.declared_dim = declared_dim  # the preflight's, before a vector is in hand
 
     def lookup(self, texts: list[str]) -> dict[int, np.ndarray]:
@@ -95,10 +96,9 @@ class VectorSource:
         self.counters.chunks_from_cache += len(usable)
         return usable
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        if self.model is None:
-            self.model = embedding.load(self.c)
-        return np.asarray(self.model.encode(texts), dtype=np.float32)
+    def encode(self, texts: list[str]):
+        """Hand texts to the model; the returned handle's `.result()` is their float32 rows."""
+        return self.executor.submit(texts)
 
     def remember(self, texts: list[str], vectors: np.ndarray) -> None:
         """Before the upsert of the same rows: a kill after it keeps what the model paid for."""
@@ -107,6 +107,7 @@ class VectorSource:
             self.cache.put_many(texts, vectors)
 
     def close(self) -> None:
+        self.executor.close()
         if self.cache:
             self.cache.close()
 
@@ -118,7 +119,7 @@ class _Prepared(msgspec.Struct):
     metadatas: list[dict]  # what to send for each (Chroma merges: a key to drop is sent as None)
     vectors: dict[int, np.ndarray]  # index in todo -> vector, from re-keying or the cache
     misses: list[int]  # indexes in todo the model computes
-    computing: Future | None
+    computing: object | None  # the executor's handle: .result() is the misses' vectors
 
 
 class Pipeline:
@@ -134,8 +135,8 @@ class Pipeline:
         if c.embed_log:  # a path that cannot be written fails before the first vector is paid for
             append_embed_log(c, "")
         self.settled: list[OpenDoc] = []  # complete documents whose old generations are to delete
-        self.pending: _Prepared | None = None  # the batch whose vectors the model is computing
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.pending: deque[_Prepared] = deque()  # prepared, vectors on their way, written in this order
+        self.ahead = executor.in_flight(c)
 
     def add(self, action: DocAction, doc: Document) -> None:
         c = self.c
@@ -158,21 +159,22 @@ class Pipeline:
     def finish(self) -> None:
         while self.buffer:
             self.flush_one()
-        if self.pending is not None:
-            prepared, self.pending = self.pending, None
-            self._write(prepared)
+        while self.pending:
+            self._write(self.pending.popleft())
         self.settle()
 
     def close(self) -> None:
-        self.worker.shutdown(wait=True, cancel_futures=True)
+        """After an error: batches not yet written are dropped; their vectors were neither cached nor
+        logged, so the rerun computes them (the executor itself is closed with the VectorSource)."""
+        self.pending.clear()
 
     def flush_one(self) -> None:
-        """Hand the next batch to the model, then write the previous one while it computes."""
+        """Hand the next batch to the model, then write the oldest ones while it computes, so
+        that at most `ahead` batches wait for their vectors (each holds its texts in memory)."""
         batch = [self.buffer.popleft() for _ in range(min(self.c.upsert_batch, len(self.buffer)))]
-        prepared = self._prepare(batch)
-        if self.pending is not None:
-            self._write(self.pending)
-        self.pending = prepared
+        self.pending.append(self._prepare(batch))
+        while len(self.pending) > self.ahead:
+            self._write(self.pending.popleft())
 
     def _prepare(self, batch: list[Chunk]) -> _Prepared:
         """What to write and where its vectors come from: a row Chroma holds with the same text
@@ -199,7 +201,7 @@ class Pipeline:
         cached = self.source.lookup([todo[i].text for i in rest])
         vectors.update({rest[k]: v for k, v in cached.items()})
         misses = [i for i in rest if i not in vectors]
-        computing = self.worker.submit(self.source.encode, [todo[i].text for i in misses]) if misses else None
+        computing = self.source.encode([todo[i].text for i in misses]) if misses else None
         return _Prepared(batch, todo, metadatas, vectors, misses, computing)
 
     def _write(self, p: _Prepared) -> None:
