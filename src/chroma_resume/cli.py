@@ -62,6 +62,8 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("progress", ("auto", "on", "off"), "progress display on stderr (default auto)"),
     ("on-store-corrupt", ("rebuild", "fail"), "an unreadable embedded Chroma folder: set it aside and rebuild "
                                               "from the cache, or fail (default rebuild)"),
+    ("backend", ("auto", "torch", "onnx"), "runtime of the model on a CPU: onnx = ONNX Runtime export checked "
+                                           "against torch; auto = onnx on a CPU, torch on a GPU (default auto)"),
 ]
 
 

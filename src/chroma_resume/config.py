@@ -68,6 +68,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     embed_log: str | None = None
     progress: Literal["auto", "on", "off"] = "auto"
     on_store_corrupt: Literal["rebuild", "fail"] = "rebuild"
+    backend: Literal["auto", "torch", "onnx"] = "auto"  # auto: ONNX Runtime on a CPU once its export is checked
 
 
 def make_config(**options) -> Config:
@@ -100,6 +101,8 @@ def _check(c: Config) -> None:
     if not 0 <= c.min_chunk_chars <= c.chunk_chars:
         raise UsageError("--min-chunk-chars must be between 0 and --chunk-chars")
     check_collection_name(c.collection)
+    if c.backend == "onnx" and c.device != "cpu":
+        raise UsageError(f"--backend onnx runs on the CPU; with --device {c.device} use --backend auto or torch")
     if c.embed_model.startswith("hash:") and not c.embed_model[5:].isdigit():
         raise UsageError(f"--embed-model {c.embed_model!r}: the stand-in embedder is hash:DIM, e.g. hash:64")
 

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +77,8 @@ class FlagEmbedder:
         if not texts:
             return vectors
         tokens = flag.tokenizer(list(texts), truncation=True, max_length=flag.passage_max_length)
-        order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
         with torch.inference_mode():
-            for lo in range(0, len(order), self.batch_size):
-                picked = order[lo:lo + self.batch_size]
+            for picked in length_batches([len(ids) for ids in tokens["input_ids"]], self.batch_size):
                 batch = flag.tokenizer.pad({k: [v[i] for i in picked] for k, v in tokens.items()},
                                            return_tensors="pt").to(self.device)
                 hidden = flag.model(**batch, return_dict=True).last_hidden_state
@@ -88,6 +86,14 @@ class FlagEmbedder:
                 vectors[picked] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         self.embedded += len(texts)
         return vectors
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indexes by descending token count, batch_size at a time: each batch pads only to its own
+    longest text. Every backend batches through here, so they pad (and round) alike."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for lo in range(0, len(order), batch_size):
+        yield order[lo:lo + batch_size]
 
 
 def model_location(c: Config) -> str:
@@ -224,10 +230,21 @@ def model_fingerprint(c: Config) -> str:
 CPU_BATCH, CUDA_BATCH = 32, 256
 
 
-def load(c: Config):
-    """Load the embedder named by the config, or raise ModelLoadError (exit 2) naming it."""
+def load(c: Config, warn=None):
+    """Load the embedder named by the config, or raise ModelLoadError (exit 2) naming it.
+    --backend auto/onnx on a CPU go through onnx_backend, which falls back to torch (WARNing
+    through `warn`) unless its export passed the probe check."""
     if c.embed_model.startswith("hash:"):
         return HashEmbedder(int(c.embed_model[5:]))
+    if c.backend != "torch" and c.device == "cpu":
+        from . import onnx_backend
+        from .reporting import Warnings
+        return onnx_backend.load(c, warn or Warnings())
+    return load_torch(c)
+
+
+def load_torch(c: Config) -> FlagEmbedder:
+    """FlagEmbedding's model run by torch: every GPU build, and the reference the ONNX export is checked against."""
     location = model_location(c)
     try:
         import torch

@@ -86,7 +86,7 @@ class VectorSource:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if self.model is None:
-            self.model = embedding.load(self.c)
+            self.model = embedding.load(self.c, self.warn)
         return np.asarray(self.model.encode(texts), dtype=np.float32)
 
     def remember(self, texts: list[str], vectors: np.ndarray) -> None:
