@@ -149,7 +149,7 @@ def test_max_length_and_fingerprint_import_neither_torch_nor_flagembedding(tmp_p
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    c = make_config(root=str(tmp_path_factory.mktemp("real")), embed_batch=4)
+    c = make_config(root=str(tmp_path_factory.mktemp("real")), embed_batch=4, backend="torch")
     return c, embedding.load(c)
 
 
