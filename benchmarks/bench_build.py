@@ -166,8 +166,9 @@ class Runner:
     """Starts fresh processes and records, per process: wall seconds from spawn to exit, CPU
     seconds and peak RSS from its own wait4 rusage, and the 1-minute load average around it."""
 
-    def __init__(self, root: Path, build_options: tuple[str, ...] = ()):
+    def __init__(self, root: Path, build_options: tuple[str, ...] = (), script: Path = HERE):
         self.root, self.logs, self.build_options = root, root / "logs", build_options
+        self.script = script  # the file whose WORKERS answer `worker NAME JSON`
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, argv: list[str], env: dict | None = None) -> dict:
@@ -186,7 +187,7 @@ class Runner:
 
     def worker(self, name: str, args: dict, label: str | None = None) -> dict:
         """A helper of this file in a fresh process; its JSON answer lands in result['answer']."""
-        r = self.run(label or name, [sys.executable, str(HERE), "worker", name, json.dumps(args)])
+        r = self.run(label or name, [sys.executable, str(self.script), "worker", name, json.dumps(args)])
         if r["rc"] != 0:
             raise RuntimeError(f"worker {name} failed (rc {r['rc']}):\n{_tail(r['stderr_file'])}")
         r["answer"] = json.loads(r["stdout"].rsplit("@@", 1)[1])
@@ -252,6 +253,9 @@ def worker_floor(a: dict) -> dict:
     texts = json.loads(Path(a["texts"]).read_text(encoding="utf-8"))
     vectors = model.encode(texts)
     t3 = time.perf_counter()
+    if a.get("save"):  # for a comparison of vectors, outside the timed part
+        import numpy as np
+        np.save(a["save"], vectors)
     return {"import_sec": t1 - t0, "load_sec": t2 - t1, "encode_sec": t3 - t2, "shape": list(vectors.shape)}
 
 
