@@ -176,6 +176,9 @@ def open_embedder(folder: str, meta: ExportMeta, batch: int, name: str) -> OnnxE
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = len(os.sched_getaffinity(0))
     options.inter_op_num_threads = 1
+    # Idle workers sleep instead of spinning: the build's writer thread (Chroma upserts) and other
+    # processes share these cores; measured: ~10 % less CPU for the same encode, same wall time.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: its optimizer's notes are not the user's business
     session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options, providers=["CPUExecutionProvider"])
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
