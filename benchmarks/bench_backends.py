@@ -24,8 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
-import shutil
 import time
 from pathlib import Path
 
@@ -189,31 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     a.docs = a.docs or (24 if a.quick else 100)
     a.rounds = a.rounds or (1 if a.quick else 3)
     started, when = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %z")
-    root = Path(tempfile.mkdtemp(prefix="bench-backends-"))
-    try:
-        commit = bb.pin_source(root, a.commit)
-        runs = measure(root, a)
-    finally:
-        if a.keep:
-            print(f"[bench] work folder kept: {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    commit, runs = bb.in_work_folder("bench-backends-", a, measure)
     rows, ratios = figures(runs)
     print(f"{when} · commit {commit} · {os.cpu_count()} cores · total {time.perf_counter() - started:.0f} s · "
           f"load average (1 min) before each pass in the load column")
     print(bb.render(rows))
     if a.json:
-        for record in runs.values():
-            if isinstance(record, dict):
-                record.pop("stdout", None)
-        Path(a.json).write_text(json.dumps({"when": when, "commit": commit, "options": vars(a), "ratios": ratios,
-                                            "figures": [dict(zip(("figure", "value", "target", "raw", "load"), row))
-                                                        for row in rows], "runs": runs}, indent=2) + "\n")
+        bb.write_json(a.json, rows, runs, when=when, commit=commit, options=vars(a), ratios=ratios)
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["worker"]:
-        print("@@" + json.dumps(WORKERS[sys.argv[2]](json.loads(sys.argv[3]))))
-        sys.exit(0)
-    sys.exit(main())
+    sys.exit(bb.entry(WORKERS, main))

@@ -573,15 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(a, name, quick if a.quick else full)
 
     started, when = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %z")
-    root = Path(tempfile.mkdtemp(prefix="bench-chroma-resume-"))
-    try:
-        commit = pin_source(root, a.commit)
-        runs = measure(root, a)
-    finally:
-        if a.keep:
-            print(f"[bench] work folder kept: {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    commit, runs = in_work_folder("bench-chroma-resume-", a, measure)
     rows, ratios = figures(runs)
     m = {**machine(runs["probe"]["answer"]), "commit": commit}
     total = time.perf_counter() - started
@@ -590,17 +582,40 @@ def main(argv: list[str] | None = None) -> int:
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     print(render(rows))
     if a.json:
-        for record in runs.values():
-            record.pop("stdout", None)
-        Path(a.json).write_text(json.dumps({
-            "when": when, "machine": m, "options": vars(a), "total_sec": total, "ratios": ratios,
-            "figures": [dict(zip(("figure", "value", "target", "raw", "load"), row)) for row in rows],
-            "runs": runs}, indent=2) + "\n", encoding="utf-8")
+        write_json(a.json, rows, runs, when=when, machine=m, options=vars(a), total_sec=total, ratios=ratios)
     return 0
 
 
-if __name__ == "__main__":
+def in_work_folder(prefix: str, a: argparse.Namespace, measure) -> tuple[str, dict]:
+    """(commit measured, measure(root, a)) in a fresh temporary folder, removed unless --keep."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        commit = pin_source(root, a.commit)
+        return commit, measure(root, a)
+    finally:
+        if a.keep:
+            print(f"[bench] work folder kept: {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def write_json(target: str, rows: list[tuple[str, ...]], runs: dict, **head) -> None:
+    """Every figure and every process record (less its stdout) as one JSON file."""
+    for record in runs.values():
+        if isinstance(record, dict):
+            record.pop("stdout", None)
+    Path(target).write_text(json.dumps({
+        **head, "figures": [dict(zip(("figure", "value", "target", "raw", "load"), row)) for row in rows],
+        "runs": runs}, indent=2) + "\n", encoding="utf-8")
+
+
+def entry(workers: dict, bench) -> int:
+    """`FILE worker NAME JSON` answers one worker in this fresh process; anything else runs the bench."""
     if sys.argv[1:2] == ["worker"]:
-        print("@@" + json.dumps(WORKERS[sys.argv[2]](json.loads(sys.argv[3]))))
-        sys.exit(0)
-    sys.exit(main())
+        print("@@" + json.dumps(workers[sys.argv[2]](json.loads(sys.argv[3]))))
+        return 0
+    return bench()
+
+
+if __name__ == "__main__":
+    sys.exit(entry(WORKERS, main))

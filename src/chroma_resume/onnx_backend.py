@@ -259,18 +259,24 @@ def _export_graph(flag, names: list[str], target: str) -> None:
                             return_tensors="pt")
     tmp = f"{target}.tmp.{os.getpid()}"
     wrapper = Pooled().eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer and deprecation notes about the legacy exporter
-        torch.onnx.export(wrapper, tuple(sample[n] for n in names), tmp, dynamo=False, opset_version=OPSET,
-                          input_names=names, output_names=["vector"],
-                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "vector": {0: "batch"}})
-    flag.model.eval()  # the exporter restores the wrapper's mode, recursively
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer and deprecation notes about the legacy exporter
+            torch.onnx.export(wrapper, tuple(sample[n] for n in names), tmp, dynamo=False, opset_version=OPSET,
+                              input_names=names, output_names=["vector"],
+                              dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "vector": {0: "batch"}})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:  # an interrupted or failed export leaves no 90 MB half-file behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     finally:
-        os.close(fd)
-    os.replace(tmp, target)
+        flag.model.eval()  # the exporter restores the wrapper's mode, recursively
 
 
 def _meta(flag, fingerprint: str, names: list[str], folder: str, *, passed: bool, worst: float | None,
