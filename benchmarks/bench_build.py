@@ -355,7 +355,9 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
     from chroma_resume import embedding
 
     batch = a.embed_batch or CPU_BATCH  # given to both sides: the build's default may change, and differs on CUDA
-    r, runs = Runner(root, ("--embed-batch", str(batch))), {}
+    # torch, as before the ONNX backend: these figures are the pipeline against FlagModel.encode on the
+    # same runtime; bench_backends.py measures the default backend (ONNX Runtime on a CPU).
+    r, runs = Runner(root, ("--embed-batch", str(batch), "--backend", "torch")), {}
     runs["probe"] = r.worker("probe", {})
     files = write_corpus(root / "corpus", a.docs)
     c = cfg.make_config(root=str(root), docs="corpus")
