@@ -16,7 +16,7 @@ import pytest
 
 from chroma_resume import embedding, failpoints, onnx_backend
 from chroma_resume.config import make_config
-from chroma_resume.errors import UsageError
+from chroma_resume.errors import ModelLoadError, UsageError
 from chroma_resume.reporting import Warnings
 from conftest import REPO, collection_rows, run_cli, summary
 from test_embedding import MIXED
@@ -100,6 +100,14 @@ def test_a_planted_mismatch_fails_the_check_and_the_build_keeps_torch(tmp_path, 
     monkeypatch.setattr(onnx_backend, "_export_and_check", None)  # the failed check is remembered
     again = embedding.load(c, warn)
     assert isinstance(again, embedding.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 2}
+
+
+def test_a_gpu_build_keeps_torch(tmp_path):
+    """auto on --device cuda goes straight to torch: here (no CUDA) torch's refusal, and no export."""
+    c = make_config(root=str(tmp_path), device="cuda")
+    with pytest.raises(ModelLoadError, match="torch sees 0 CUDA device"):
+        embedding.load(c, Warnings())
+    assert not (tmp_path / ".chroma-state").exists()
 
 
 def test_backend_options():
