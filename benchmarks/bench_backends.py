@@ -107,7 +107,7 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
     runs["export"] = r.worker("export", {"root": str(root), "cache": str(shared / "cache-export.sqlite3")})
 
     for i in range(a.rounds):
-        for side in SIDES[i % len(SIDES):] + SIDES[:i % len(SIDES)]:
+        for side in a.sides[i % len(a.sides):] + a.sides[:i % len(a.sides)]:
             name = f"{side}-{i}"
             if side == "floor":
                 runs[name] = r.worker("floor", floor, name)
@@ -119,10 +119,12 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
                 runs[name] = r.build(name, f"runs/{name}", "--backend", "torch")
             if side in ("default", "torch"):
                 assert runs[name]["summary"]["chunks_embedded"] == len(texts), (name, runs[name]["summary"])
-    runs["first"] = r.build("first", "runs/first")  # a fresh state root: this build exports and checks
-    runs["compare"] = r.worker("compare", {"texts": str(root / "texts.json"), "floor": floor["save"],
-                                           "sbert": str(root / "sbert.npy"),
-                                           "db": str(root / f"runs/default-{a.rounds - 1}/db")})
+    if a.first_build:
+        runs["first"] = r.build("first", "runs/first")  # a fresh state root: this build exports and checks
+    if {"floor", "default", "sbert"} <= set(a.sides):
+        runs["compare"] = r.worker("compare", {"texts": str(root / "texts.json"), "floor": floor["save"],
+                                               "sbert": str(root / "sbert.npy"),
+                                               "db": str(root / f"runs/default-{a.rounds - 1}/db")})
     return runs
 
 
@@ -138,15 +140,14 @@ def _loads(runs: dict, side: str) -> str:
     return "/".join(f"{v['load_before']:.1f}" for k, v in runs.items() if k.rsplit("-", 1)[0] == side and k[-1].isdigit())
 
 
-def figures(runs: dict) -> tuple[list[tuple[str, ...]], dict]:
-    wall = {side: _median(runs, side) for side in SIDES}
-    cpu = {side: _median(runs, side, "cpu_sec") for side in SIDES}
-    ex, cmp_, corpus = runs["export"], runs["compare"]["answer"], runs["corpus"]
-    ratios = {f"{side}_vs_floor": wall[side] / wall["floor"] for side in SIDES[1:]}
-    ratios.update({f"{side}_vs_floor_cpu": cpu[side] / cpu["floor"] for side in SIDES[1:]},
-                  default_vs_sbert=wall["default"] / wall["sbert"], default_vs_torch=wall["default"] / wall["torch"],
-                  first_export_sec=ex["wall_sec"], worst_probe_cosine=ex["answer"]["worst_cosine"],
-                  build_min_cos=cmp_["build_min_cos"])
+def figures(runs: dict, sides: tuple[str, ...]) -> tuple[list[tuple[str, ...]], dict]:
+    wall = {side: _median(runs, side) for side in sides}
+    cpu = {side: _median(runs, side, "cpu_sec") for side in sides}
+    ex, corpus = runs["export"], runs["corpus"]
+    others = [side for side in sides if side != "floor"]
+    ratios = {f"{side}_vs_floor": wall[side] / wall["floor"] for side in others}
+    ratios.update({f"{side}_vs_floor_cpu": cpu[side] / cpu["floor"] for side in others},
+                  first_export_sec=ex["wall_sec"], worst_probe_cosine=ex["answer"]["worst_cosine"])
     paired = "/".join(f"{runs[f'default-{i}']['wall_sec'] / runs[f'floor-{i}']['wall_sec']:.2f}"
                       for i in range(sum(1 for k in runs if k.startswith("floor-"))))
     rows = [("floor: FlagModel.encode, fresh process", f"{wall['floor']:.1f} s", "",
@@ -155,22 +156,31 @@ def figures(runs: dict) -> tuple[list[tuple[str, ...]], dict]:
     for side, label, target in (("default", "cold build, default backend (onnx) / floor", "<= 0.75"),
                                 ("torch", "cold build, --backend torch / floor", "<= 1.00"),
                                 ("sbert", "sentence-transformers encode / floor", "")):
+        if side not in sides:
+            continue
         rows.append((label, f"{ratios[f'{side}_vs_floor']:.3f}", target,
                      f"{wall[side]:.1f} s / {wall['floor']:.1f} s (medians); passes {_passes(runs, side)}; CPU "
                      f"{cpu[side]:.0f} s = {ratios[f'{side}_vs_floor_cpu']:.3f}"
                      + (f"; paired per round {paired}" if side == "default" else ""), _loads(runs, side)))
+    if "sbert" in sides:
+        ratios["default_vs_sbert"] = wall["default"] / wall["sbert"]
+        rows.append(("cold build, default / sentence-transformers", f"{ratios['default_vs_sbert']:.3f}", "",
+                     f"{wall['default']:.1f} s / {wall['sbert']:.1f} s", ""))
     rows += [
-        ("cold build, default / sentence-transformers", f"{ratios['default_vs_sbert']:.3f}", "",
-         f"{wall['default']:.1f} s / {wall['sbert']:.1f} s", ""),
         ("first export (fresh process)", f"{ex['wall_sec']:.1f} s", "once per model",
          f"export {ex['answer']['export_sec']:.1f} s + probe check {ex['answer']['check_sec']:.1f} s, rest torch "
          f"import and model load; model.onnx {ex['answer']['onnx_mb']:.0f} MB", f"{ex['load_before']:.1f}"),
-        ("cold build paying the first export", f"{runs['first']['wall_sec']:.1f} s", "",
-         f"fresh state root; vs the default build's median {wall['default']:.1f} s", f"{runs['first']['load_before']:.1f}"),
-        ("least cosine to FlagModel.encode", f"{cmp_['build_min_cos']:.7f}", ">= 0.99999",
-         f"default build, all {cmp_['chunks']} chunks; sentence-transformers {cmp_['sbert_min_cos']:.7f}; "
-         f"probe check {ex['answer']['worst_cosine']:.7f}", ""),
     ]
+    if "first" in runs:
+        rows.append(("cold build paying the first export", f"{runs['first']['wall_sec']:.1f} s", "",
+                     f"fresh state root; vs the default build's median {wall['default']:.1f} s",
+                     f"{runs['first']['load_before']:.1f}"))
+    if "compare" in runs:
+        cmp_ = runs["compare"]["answer"]
+        ratios["build_min_cos"] = cmp_["build_min_cos"]
+        rows.append(("least cosine to FlagModel.encode", f"{cmp_['build_min_cos']:.7f}", ">= 0.99999",
+                     f"default build, all {cmp_['chunks']} chunks; sentence-transformers {cmp_['sbert_min_cos']:.7f}; "
+                     f"probe check {ex['answer']['worst_cosine']:.7f}", ""))
     return rows, ratios
 
 
@@ -179,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="24 documents, 1 round")
     ap.add_argument("--docs", type=int, help="documents of the corpus (default 100; quick 24)")
     ap.add_argument("--rounds", type=int, help="alternating rounds of the four sides (default 3; quick 1)")
+    ap.add_argument("--sides", default=",".join(SIDES),
+                    help=f"comma-separated sides to run, floor among them (default {','.join(SIDES)})")
+    ap.add_argument("--no-first-build", dest="first_build", action="store_false",
+                    help="skip the cold build that pays the first export (the export is measured alone anyway)")
     ap.add_argument("--embed-batch", type=int, help=f"texts per forward pass, every side (default {bb.CPU_BATCH})")
     ap.add_argument("--json", metavar="FILE", help="also write every figure and process record as JSON")
     ap.add_argument("--commit", metavar="REV", help="measure this commit's src/ (default: the working tree)")
@@ -186,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.docs = a.docs or (24 if a.quick else 100)
     a.rounds = a.rounds or (1 if a.quick else 3)
+    a.sides = tuple(side for side in SIDES if side in a.sides.split(","))
+    if "floor" not in a.sides or "default" not in a.sides:
+        ap.error("--sides must include floor and default")
     started, when = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %z")
     commit, runs = bb.in_work_folder("bench-backends-", a, measure)
-    rows, ratios = figures(runs)
+    rows, ratios = figures(runs, a.sides)
     print(f"{when} · commit {commit} · {os.cpu_count()} cores · total {time.perf_counter() - started:.0f} s · "
           f"load average (1 min) before each pass in the load column")
     print(bb.render(rows))

@@ -180,7 +180,8 @@ class Runner:
             _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
-        print(f"[bench] {name}: {wall:.1f} s, rc {proc.returncode}", file=sys.stderr, flush=True)
+        print(f"[bench] {name}: {wall:.1f} s, CPU {usage.ru_utime + usage.ru_stime:.1f} s, load {before:.1f}, "
+              f"rc {proc.returncode}", file=sys.stderr, flush=True)
         return {"name": name, "rc": proc.returncode, "wall_sec": wall, "cpu_sec": usage.ru_utime + usage.ru_stime,
                 "peak_rss_mb": usage.ru_maxrss / 1024, "load_before": before, "load_after": loadavg(),
                 "stdout": out.read_text(), "stderr_file": str(err)}

@@ -102,6 +102,15 @@ def test_a_planted_mismatch_fails_the_check_and_the_build_keeps_torch(tmp_path, 
     assert isinstance(again, embedding.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 2}
 
 
+def test_an_unwritable_export_folder_warns_and_keeps_torch(tmp_path):
+    (tmp_path / ".chroma-state").mkdir()
+    (tmp_path / ".chroma-state" / "onnx").write_text("a file where the export folder should be")
+    warn = Warnings()
+    embedder = embedding.load(make_config(root=str(tmp_path)), warn)
+    assert isinstance(embedder, embedding.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 1}
+    assert embedder.encode(["still embedded"]).shape == (1, 384)
+
+
 def test_a_gpu_build_keeps_torch(tmp_path):
     """auto on --device cuda goes straight to torch: here (no CUDA) torch's refusal, and no export."""
     c = make_config(root=str(tmp_path), device="cuda")

@@ -28,7 +28,7 @@ import numpy as np
 from . import embedding, failpoints, state
 from . import config as cfg
 from .config import Config
-from .errors import ModelLoadError
+from .errors import ModelLoadError, RuntimeFailure
 
 EXPORT_FORMAT = 1  # bump when the exported graph or the files beside it change meaning
 PROBE_MIN_COSINE = 0.99999
@@ -50,6 +50,9 @@ PROBES = (
     "长文本：模型只看得到前面的若干个词元，后面的部分会被截断，所以两种运行时必须在同一处截断。" * 12,
     "for (int i = 0; i < n; ++i) { total += values[i] * weights[i]; } // accumulate\n" * 25,
 )
+# The machine's fault, not the model's (onnx not installed, a read-only or full disk): WARNed, the
+# build runs torch, and the next build tries again; nothing is remembered.
+_TRANSIENT = (ImportError, OSError, RuntimeFailure)
 _FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
 
@@ -139,16 +142,20 @@ def load(c: Config, warn):
     the torch embedder (after a WARN) when the export cannot be made or did not pass."""
     folder, fingerprint = export_dir(c), embedding.model_fingerprint(c)
     batch = c.embed_batch or embedding.CPU_BATCH
-    meta = read_meta(folder, fingerprint)
-    if meta is None:
-        with export_lock(folder):
-            meta = read_meta(folder, fingerprint)  # another build may have made it while we waited
-            if meta is None:
-                return _export_and_check(c, folder, fingerprint, batch, warn)
-    if not meta.passed:
-        warn("onnx_backend_unused", folder=folder, cause=meta.cause, fallback="torch")
-        return embedding.load_torch(c)
-    return open_embedder(folder, meta, batch, c.embed_model)
+    try:
+        meta = read_meta(folder, fingerprint)
+        if meta is None:
+            with export_lock(folder):
+                meta = read_meta(folder, fingerprint)  # another build may have made it while we waited
+                if meta is None:
+                    return _export_and_check(c, folder, fingerprint, batch, warn)
+        if meta.passed:
+            return open_embedder(folder, meta, batch, c.embed_model)
+        cause = meta.cause
+    except _TRANSIENT as exc:
+        cause = f"{type(exc).__name__}: {exc}"
+    warn("onnx_backend_unused", folder=folder, cause=cause, fallback="torch")
+    return embedding.load_torch(c)
 
 
 @contextlib.contextmanager
@@ -201,9 +208,8 @@ def _export_and_check(c: Config, folder: str, fingerprint: str, batch: int, warn
             raise ModelLoadError("the model has no fast (Rust) tokenizer to save beside the export")
         _export_graph(flag, names, os.path.join(folder, "model.onnx"))
         state.atomic_write(os.path.join(folder, "tokenizer.json"), flag.tokenizer.backend_tokenizer.to_str().encode())
-    except ImportError as exc:  # onnx missing: the install's fault, worth retrying once it is fixed
-        warn("onnx_backend_unused", folder=folder, cause=f"cannot export: {exc}", fallback="torch")
-        return reference
+    except _TRANSIENT:
+        raise
     except Exception as exc:  # the model's graph does not export: remember it, do not retry every run
         meta = _meta(flag, fingerprint, names, folder, passed=False, worst=None,
                      cause=f"export failed: {type(exc).__name__}: {exc}")
