@@ -166,8 +166,9 @@ class Runner:
     """Starts fresh processes and records, per process: wall seconds from spawn to exit, CPU
     seconds and peak RSS from its own wait4 rusage, and the 1-minute load average around it."""
 
-    def __init__(self, root: Path, build_options: tuple[str, ...] = ()):
+    def __init__(self, root: Path, build_options: tuple[str, ...] = (), script: Path = HERE):
         self.root, self.logs, self.build_options = root, root / "logs", build_options
+        self.script = script  # the file whose WORKERS answer `worker NAME JSON`
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, argv: list[str], env: dict | None = None) -> dict:
@@ -179,14 +180,15 @@ class Runner:
             _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
-        print(f"[bench] {name}: {wall:.1f} s, rc {proc.returncode}", file=sys.stderr, flush=True)
+        print(f"[bench] {name}: {wall:.1f} s, CPU {usage.ru_utime + usage.ru_stime:.1f} s, load {before:.1f}, "
+              f"rc {proc.returncode}", file=sys.stderr, flush=True)
         return {"name": name, "rc": proc.returncode, "wall_sec": wall, "cpu_sec": usage.ru_utime + usage.ru_stime,
                 "peak_rss_mb": usage.ru_maxrss / 1024, "load_before": before, "load_after": loadavg(),
                 "stdout": out.read_text(), "stderr_file": str(err)}
 
     def worker(self, name: str, args: dict, label: str | None = None) -> dict:
         """A helper of this file in a fresh process; its JSON answer lands in result['answer']."""
-        r = self.run(label or name, [sys.executable, str(HERE), "worker", name, json.dumps(args)])
+        r = self.run(label or name, [sys.executable, str(self.script), "worker", name, json.dumps(args)])
         if r["rc"] != 0:
             raise RuntimeError(f"worker {name} failed (rc {r['rc']}):\n{_tail(r['stderr_file'])}")
         r["answer"] = json.loads(r["stdout"].rsplit("@@", 1)[1])
@@ -252,6 +254,9 @@ def worker_floor(a: dict) -> dict:
     texts = json.loads(Path(a["texts"]).read_text(encoding="utf-8"))
     vectors = model.encode(texts)
     t3 = time.perf_counter()
+    if a.get("save"):  # for a comparison of vectors, outside the timed part
+        import numpy as np
+        np.save(a["save"], vectors)
     return {"import_sec": t1 - t0, "load_sec": t2 - t1, "encode_sec": t3 - t2, "shape": list(vectors.shape)}
 
 
@@ -351,7 +356,9 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
     from chroma_resume import models
 
     batch = a.embed_batch or CPU_BATCH  # given to both sides: the build's default may change, and differs on CUDA
-    r, runs = Runner(root, ("--embed-batch", str(batch))), {}
+    # torch, as before the ONNX backend: these figures are the pipeline against FlagModel.encode on the
+    # same runtime; bench_backends.py measures the default backend (ONNX Runtime on a CPU).
+    r, runs = Runner(root, ("--embed-batch", str(batch), "--backend", "torch")), {}
     runs["probe"] = r.worker("probe", {})
     files = write_corpus(root / "corpus", a.docs)
     c = cfg.make_config(root=str(root), docs="corpus")
@@ -569,15 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(a, name, quick if a.quick else full)
 
     started, when = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %z")
-    root = Path(tempfile.mkdtemp(prefix="bench-chroma-resume-"))
-    try:
-        commit = pin_source(root, a.commit)
-        runs = measure(root, a)
-    finally:
-        if a.keep:
-            print(f"[bench] work folder kept: {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    commit, runs = in_work_folder("bench-chroma-resume-", a, measure)
     rows, ratios = figures(runs)
     m = {**machine(runs["probe"]["answer"]), "commit": commit}
     total = time.perf_counter() - started
@@ -586,17 +585,40 @@ def main(argv: list[str] | None = None) -> int:
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     print(render(rows))
     if a.json:
-        for record in runs.values():
-            record.pop("stdout", None)
-        Path(a.json).write_text(json.dumps({
-            "when": when, "machine": m, "options": vars(a), "total_sec": total, "ratios": ratios,
-            "figures": [dict(zip(("figure", "value", "target", "raw", "load"), row)) for row in rows],
-            "runs": runs}, indent=2) + "\n", encoding="utf-8")
+        write_json(a.json, rows, runs, when=when, machine=m, options=vars(a), total_sec=total, ratios=ratios)
     return 0
 
 
-if __name__ == "__main__":
+def in_work_folder(prefix: str, a: argparse.Namespace, measure) -> tuple[str, dict]:
+    """(commit measured, measure(root, a)) in a fresh temporary folder, removed unless --keep."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        commit = pin_source(root, a.commit)
+        return commit, measure(root, a)
+    finally:
+        if a.keep:
+            print(f"[bench] work folder kept: {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def write_json(target: str, rows: list[tuple[str, ...]], runs: dict, **head) -> None:
+    """Every figure and every process record (less its stdout) as one JSON file."""
+    for record in runs.values():
+        if isinstance(record, dict):
+            record.pop("stdout", None)
+    Path(target).write_text(json.dumps({
+        **head, "figures": [dict(zip(("figure", "value", "target", "raw", "load"), row)) for row in rows],
+        "runs": runs}, indent=2) + "\n", encoding="utf-8")
+
+
+def entry(workers: dict, bench) -> int:
+    """`FILE worker NAME JSON` answers one worker in this fresh process; anything else runs the bench."""
     if sys.argv[1:2] == ["worker"]:
-        print("@@" + json.dumps(WORKERS[sys.argv[2]](json.loads(sys.argv[3]))))
-        sys.exit(0)
-    sys.exit(main())
+        print("@@" + json.dumps(workers[sys.argv[2]](json.loads(sys.argv[3]))))
+        return 0
+    return bench()
+
+
+if __name__ == "__main__":
+    sys.exit(entry(WORKERS, main))

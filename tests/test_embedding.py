@@ -202,7 +202,7 @@ def test_preflight_reads_dimension_and_length_without_torch(tmp_path):
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    c = make_config(root=str(tmp_path_factory.mktemp("real")), embed_batch=4)
+    c = make_config(root=str(tmp_path_factory.mktemp("real")), embed_batch=4, backend="torch")
     return c, embedding.load(c)
 
 

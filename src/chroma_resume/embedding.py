@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -68,10 +68,8 @@ class FlagEmbedder:
         if not texts:
             return vectors
         tokens = flag.tokenizer(list(texts), truncation=True, max_length=flag.passage_max_length)
-        order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
         with torch.inference_mode():
-            for lo in range(0, len(order), self.batch_size):
-                picked = order[lo:lo + self.batch_size]
+            for picked in length_batches([len(ids) for ids in tokens["input_ids"]], self.batch_size):
                 batch = flag.tokenizer.pad({k: [v[i] for i in picked] for k, v in tokens.items()},
                                            return_tensors="pt").to(self.device)
                 hidden = flag.model(**batch, return_dict=True).last_hidden_state
@@ -81,6 +79,14 @@ class FlagEmbedder:
         return vectors
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indexes by descending token count, batch_size at a time: each batch pads only to its own
+    longest text. Every backend batches through here, so they pad (and round) alike."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for lo in range(0, len(order), batch_size):
+        yield order[lo:lo + batch_size]
+
+
 # ---- loading ---------------------------------------------------------------------
 
 # Texts per forward pass when --embed-batch is not given: a GPU needs large batches to be busy
@@ -88,12 +94,24 @@ class FlagEmbedder:
 CPU_BATCH, CUDA_BATCH = 32, 256
 
 
-def load(c: Config):
+def load(c: Config, warn=None):
     """Load the embedder named by the config, or raise ModelLoadError (exit 2) naming it. A build has
-    run the same preflight before writing anything; here it also gives the max length to use."""
-    info = models.preflight(c)
+    run the same preflight before writing anything. --backend auto/onnx on a CPU go through
+    onnx_backend, which falls back to torch (WARNing through `warn`) unless its export passed the
+    probe check."""
     if models.is_stand_in(c):
-        return HashEmbedder(info.dim)
+        return HashEmbedder(models.preflight(c).dim)
+    if c.backend != "torch" and c.device == "cpu":
+        from . import onnx_backend
+        from .reporting import Warnings
+        return onnx_backend.load(c, warn or Warnings())
+    return load_torch(c)
+
+
+def load_torch(c: Config) -> FlagEmbedder:
+    """FlagEmbedding's model run by torch: every GPU build, and the reference the ONNX export is checked
+    against. The preflight gives the location and the max length to use."""
+    info = models.preflight(c)
     try:
         import torch
         from FlagEmbedding import FlagModel

@@ -100,14 +100,14 @@ def start(c: Config, fingerprint: str, warn: Warnings):
     """The executor this config names; the model (or the actors) are loaded on the first submit."""
     if c.executor == "ray":
         return RayExecutor(c, fingerprint, warn)
-    return LocalExecutor(c)
+    return LocalExecutor(c, warn)
 
 
 class LocalExecutor:
     """The model in this process, on one worker thread, loaded on the first miss."""
 
-    def __init__(self, c: Config):
-        self.c = c
+    def __init__(self, c: Config, warn: Warnings):
+        self.c, self.warn = c, warn
         self.model = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
 
@@ -116,7 +116,7 @@ class LocalExecutor:
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         if self.model is None:
-            self.model = embedding.load(self.c)
+            self.model = embedding.load(self.c, self.warn)
         return np.asarray(self.model.encode(texts), dtype=np.float32)
 
     def close(self) -> None:
