@@ -18,7 +18,7 @@ from chroma_resume import embedding, failpoints, models, onnx_backend
 from chroma_resume.config import make_config
 from chroma_resume.errors import ModelLoadError, UsageError
 from chroma_resume.reporting import Warnings
-from conftest import REPO, collection_rows, run_cli, summary
+from conftest import REPO, collection_rows, summary
 from test_embedding import MIXED
 
 pytestmark = pytest.mark.timeout(300)

@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 
 from . import config as cfg
-from . import embedding, executor, failpoints, models, state, wal
+from . import executor, failpoints, models, state, wal
 from .chunking import chunk_text
 from .config import Config
 from .corpus import Document
