@@ -130,9 +130,14 @@ def test_the_fix_doit_verify_prints_runs_as_printed(built):
     assert doit(built, "verify").returncode == 0
 
 
-def test_doit_keeps_the_cli_exit_codes(built):
-    """CI tells a failed gate (1) from a store it cannot read or reach (5) and a usage error (2)."""
-    assert doit(built, "verify", "--chroma-host", "127.0.0.1", "--chroma-port", "1", "--retry-for", "0").returncode == 5
+def test_doit_tells_a_failed_gate_from_an_index_it_could_not_check(built):
+    """doit ends a failed check with 1 and a task that could not check (unreachable store, bad option) with 2;
+    the JSON report keeps the CLI's exact code for each index (5: unreachable, 2: usage)."""
+    report = built / "report.json"
+    unreachable = doit(built, "verify", "--chroma-host", "127.0.0.1", "--chroma-port", "1", "--retry-for", "0",
+                       "--report", str(report))
+    assert unreachable.returncode == 2
+    assert [e["exit_code"] for e in json.loads(report.read_text())["indexes"].values()] == [5]
     assert doit(built, "verify", "--chroma-port", "0").returncode == 2
     delete_one_chunk(built)
     assert doit(built, "verify").returncode == 1

@@ -125,7 +125,12 @@ def test_real_model_on_ray_equals_local(tmp_path, cluster):
 def test_a_worker_that_cannot_load_the_model_is_exit_2(tmp_path, cluster, corpus):
     root = _copy(corpus, tmp_path)
     (root / "broken-model").mkdir()
-    (root / "broken-model" / "config.json").write_text('{"model_type": "bert"}')  # no weights, no tokenizer
+    # What the preflight reads is whole (a config with a dimension, a safetensors file whose header and size
+    # agree); what only a load reads is missing (no tokenizer): the worker is the first to find out.
+    (root / "broken-model" / "config.json").write_text(
+        '{"model_type": "bert", "hidden_size": 8, "max_position_embeddings": 16}')
+    header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    (root / "broken-model" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     result = ray_build(root, cluster, "--embed-model", "broken-model", "--ray-workers", "1")
     assert result.returncode == 2, result.stderr
     assert "a Ray worker cannot load the model" in result.stderr and "broken-model" in result.stderr

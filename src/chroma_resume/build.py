@@ -71,7 +71,8 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     if not docs and not (listing.files or listing.dirs) and not c.allow_empty:
         _refuse_wiping(c, p)
     run_id = uuid.uuid4().hex[:12]
-    with state.store_lock(c, run_id), state.WriterLock(p["collection_dir"], run_id), _StopOnSignal() as stop:
+    with state.WriterLock(p["collection_dir"], run_id), state.store_lock(c, run_id), _StopOnSignal() as stop:
+        failpoints.fire("lock.acquired")
         os.makedirs(p["state_dir"], exist_ok=True)
         _remove_temp_files(p)
         run = _Run(c, p, schema.schema_hash(c), model, out, stop, warn)

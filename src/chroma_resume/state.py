@@ -217,7 +217,6 @@ class WriterLock:
             os.close(self.fd)  # releases the flock just taken
             self.fd = -1
             raise _lock_error(self.path, exc) from None
-        failpoints.fire("lock.acquired")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -233,6 +232,9 @@ def store_lock(c: cfg.Config, run_id: str) -> "WriterLock | contextlib.nullconte
     if c.chroma_host:
         return contextlib.nullcontext()
     db = cfg.path(c, c.db)
+    parent = os.path.dirname(db)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UsageError(f"--db {db}: {parent} is a file, not a folder")
     return WriterLock(os.path.dirname(db), run_id, name=f".{os.path.basename(db).lstrip('.')}.{c.collection}.writer.lock")
 
 
