@@ -113,12 +113,18 @@ def test_a_model_changed_behind_the_same_path_is_a_schema_change(tmp_path):
 
 # ---- 3. every exit leaves a record, or a mark the next build audits ----------------------------
 
-def test_write_state_false_then_revert_is_audited(tmp_path):
+def built_then_flipped(tmp_path: Path) -> Path:
+    """An index built from units with lang=en, whose units now say lang=fr (same ids, other metadata)."""
     root = tmp_path / "run"
     root.mkdir()
     write_units(root, unit_rows("en"))
     assert run_cli(["build", *UNITS], cwd=root).returncode == 0
     write_units(root, unit_rows("fr"))
+    return root
+
+
+def test_write_state_false_then_revert_is_audited(tmp_path):
+    root = built_then_flipped(tmp_path)
     assert run_cli(["build", *UNITS, "--write-state", "false"], cwd=root).returncode == 0
     write_units(root, unit_rows("en"))
     after = run_cli(["build", *UNITS], cwd=root)
@@ -146,11 +152,7 @@ def test_an_edit_built_without_a_record_then_undone_is_put_back(tmp_path):
 
 
 def test_sigterm_under_wal_off_promises_nothing_and_the_next_build_audits(tmp_path):
-    root = tmp_path / "run"
-    root.mkdir()
-    write_units(root, unit_rows("en"))
-    assert run_cli(["build", *UNITS], cwd=root).returncode == 0
-    write_units(root, unit_rows("fr"))
+    root = built_then_flipped(tmp_path)
     trace = root / "trace.log"
     env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
     env.update(HF_HUB_OFFLINE="1", CHROMA_RESUME_FAILPOINTS=f"trace={trace};store.after_upsert@1=sleep(4000)")
