@@ -67,7 +67,7 @@ def test_a_file_name_that_is_not_utf8_is_warned_escaped_and_kept(workdir):
 @pytest.mark.parametrize("options, said", [
     ({"chroma_port": 0}, "--chroma-port 0: a TCP port"), ({"chroma_port": 99999}, "--chroma-port 99999"),
     ({"chroma_timeout": 0}, "--chroma-timeout 0: seconds per request"), ({"retry_for": -1}, "--retry-for -1"),
-    ({"embed_model": "hash:0"}, "hash:DIM, DIM at least 1"), ({"strict_sync": "maybe"}, "--strict-sync: expected"),
+    ({"embed_model": "hash:0"}, "hash:DIM, DIM from 1 to 65536"), ({"strict_sync": "maybe"}, "--strict-sync: expected"),
     ({"chunk_chars": "many"}, r"\(--chunk-chars\)")])
 def test_bad_option_values_are_refused_when_parsed_naming_the_option(tmp_path, options, said):
     with pytest.raises(UsageError, match=said):

@@ -161,8 +161,8 @@ def test_report_json_and_junit_have_one_case_per_check(built, damage):
     if must_fail:
         (ids_case,) = [c for c in cases if c.get("name") == "ids"]
         assert "foreign:0" in ids_case.find("failure").get("message")
-        assert "fix: chroma-resume build --docs corpus" in ids_case.find("failure").text
-        assert "--strict-sync true" in ids_case.find("failure").text
+        assert "fix: chroma-resume build --root=" in ids_case.find("failure").text
+        assert "--strict-sync=true" in ids_case.find("failure").text
 
 
 def test_reports_create_their_folders(built):

@@ -80,7 +80,7 @@ def test_findable_fails_a_damaged_graph_and_its_printed_fix_rebuilds_it(stubs, t
     result = deep(copy, base)
     assert result.returncode == 1 and failed(result.stdout) == must_fail, result.stdout
     fix = printed_fix(result)
-    assert fix.startswith("mv ") and "--on-missing-state" not in fix  # reset is the default: not repeated
+    assert fix.startswith("mv ") and "--on-missing-state=reset" in fix  # spelled out: a pyproject may say fail
     repaired = run_shell(fix, cwd=copy)
     assert repaired.returncode == 0, repaired.stderr
     assert summary(repaired.stdout)["chunks_embedded"] == ("1100" if "embedding" in must_fail else "0")
@@ -139,7 +139,7 @@ def test_fresh_names_a_kept_unreadable_file_and_its_fix_works(workdir):
     assert "removed=[]" in checks(result.stdout)["fresh"][1]
     assert "['doc0003.md']" in checks(result.stdout)["fresh_unreadable"][1]
     fix = printed_fix(result)
-    assert "--exclude doc0003.md" in fix
+    assert "--exclude=doc0003.md" in fix
     assert run_shell(fix, cwd=workdir).returncode == 0
     after = run_cli(["verify", *HASH_BUILD, "--fresh", "--exclude", "doc0003.md"], cwd=workdir)
     assert after.returncode == 0, after.stdout
@@ -158,7 +158,7 @@ def test_a_printed_fix_carries_root_db_state_root_and_collection_and_runs_from_e
     (project / "docs" / "doc0001.md").write_text("edited after the build\n")
     stale = run_cli(["verify", *options, "--docs", "docs", "--chunk-chars", "500", "--fresh"], cwd=elsewhere)
     fix = printed_fix(stale)
-    assert f"--root {project}" in fix and "--db 'store/chroma db'" in fix and "--chunk-chars 500" in fix
+    assert f"--root={project}" in fix and "'--db=store/chroma db'" in fix and "--chunk-chars=500" in fix
     assert run_shell(fix, cwd=tmp_path).returncode == 0  # yet another folder: the fix names everything
     again = run_cli(["verify", *options, "--docs", "docs", "--chunk-chars", "500", "--fresh"], cwd=elsewhere)
     assert again.returncode == 0, again.stdout

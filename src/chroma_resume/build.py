@@ -183,6 +183,8 @@ class _Run:
         if replay is not None and not (replay.finished_ok and manifest is not None and replay.start is not None
                                        and manifest.last_build.get("run_id") == replay.start.run_id):
             return True
+        if store.damaged_files(self.c):  # never opened through a client: it would fill an emptied sqlite file
+            return True
         try:
             found = store.stored_fingerprint(self.c)
         except ChromaResumeError:
@@ -196,7 +198,11 @@ class _Run:
         --on-store-corrupt fail, refuses instead. `deep` after an unclean end: every row's vector
         and the vector index's ids are checked, not only that the store opens."""
         c = self.c
+        damaged = store.damaged_files(c)  # before a client opens them: Chroma would fill an emptied sqlite file
         try:
+            if damaged:
+                raise StoreCorrupt(f"Chroma cannot read its own files: {damaged[:3]} are empty (a power cut can leave "
+                                   f"them so)")
             if deep and not c.chroma_host:
                 rows = store.check_deep(c)
                 print(f"[STORE] checked deeply (unclean end or --store-check deep): {rows} rows, each with its "

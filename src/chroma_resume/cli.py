@@ -121,7 +121,7 @@ def cmd_build(c: cfg.Config, args) -> int:
     for key, value in _fields(summary).items():
         print(f"{key}={value}")
     if summary.store_set_aside:  # a rebuilt store must prove itself before anyone uses it
-        return _verified(c)
+        return _verified(c, args.index)
     if summary.docs_processed == 0 and summary.chunks_deleted == 0:
         print("[BUILD] up to date: nothing embedded, nothing deleted")
     return 0
@@ -138,12 +138,12 @@ def cmd_repair(c: cfg.Config, args) -> int:
         "store sound (checked deeply)"
     print(f"[REPAIR] {verdict}; "
           f"chunks_embedded={summary.chunks_embedded} chunks_from_cache={summary.chunks_from_cache}")
-    return _verified(c)
+    return _verified(c, args.index)
 
 
-def _verified(c: cfg.Config) -> int:
+def _verified(c: cfg.Config, index: str | None) -> int:
     from .verify import verify
-    result = verify(c)
+    result = verify(c, index=index)
     for check in result.checks:
         print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
     if not result.ok and result.fix:
@@ -172,7 +172,7 @@ def cmd_verify(c: cfg.Config, args) -> int:
     for target, _ in outputs:  # a bad path fails now (exit 2), not after the audit
         prepare_output(target)
     questions = _golden_questions(c, args)
-    result = verify(c, fresh=args.fresh, deep=deep)
+    result = verify(c, fresh=args.fresh, deep=deep, index=args.index)
     if questions:
         from .retrieval import evaluate
         result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall)
@@ -299,12 +299,14 @@ def parser() -> argparse.ArgumentParser:
 def run(command: str, options: dict, extra, index: str | None = None) -> int:
     """Shared by the CLI and the doit tasks: resolve the config, show it, run the command."""
     try:
-        c = resolve_config(options, index=index)
+        # --root names the project: its pyproject.toml, so a printed fix runs the same from any folder
+        c = resolve_config(options, folder=options.get("root") or ".", index=index)
         # The hub library reads this when first imported: downloads only when asked for (models.preflight
         # refuses a hub model missing from the local cache at once, instead of a minute of retries).
         os.environ["HF_HUB_OFFLINE"] = "0" if c.model_download else os.environ.get("HF_HUB_OFFLINE", "1")
         machine_output = getattr(extra, "json", False)  # keep stdout one JSON object
         print(describe(c), file=sys.stderr if machine_output else sys.stdout, flush=True)
+        extra.index = index  # printed fixes name the index they are about
         return COMMANDS[command][0](c, extra)
     except ChromaResumeError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -326,7 +328,7 @@ def _gate_defaults(args) -> None:
     """verify's --queries/--top-k/--min-recall default to the index's table (as under doit)."""
     from . import indexes
     try:
-        indexes.gate_defaults(indexes.find(".", args.index), args)
+        indexes.gate_defaults(indexes.find(args.root or ".", args.index), args)
     except ChromaResumeError:
         return  # run() reports it with its exit code
 

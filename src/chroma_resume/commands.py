@@ -3,7 +3,8 @@
 A fix that names only the verb (`chroma-resume build`) would, from a shell, repair the default
 corpus, database and collection, not the one a check failed on. So every printed fix is rendered
 here from the Config that check ran with: each option that differs from the built-in default,
-shell-quoted, and --root as an absolute path unless it is the current folder.
+shell-quoted, with --root as an absolute path (a fix pasted in another folder acts on the same index), --index
+when the index is one of several, and every option the fix itself sets, even at its default.
 """
 from __future__ import annotations
 
@@ -18,19 +19,18 @@ PROGRAM = "chroma-resume"
 _ON_OFF = {"wal"}  # booleans the command line spells on|off (OPTIONS' kind), not true|false
 
 
-def command_line(c: Config, verb: str, *extra: str, **changes) -> str:
+def command_line(c: Config, verb: str, *extra: str, index: str | None = None, **changes) -> str:
     """`chroma-resume VERB --option value …` for config `c` with `changes` applied, then `extra` words."""
     c = msgspec.structs.replace(c, **changes) if changes else c
     default = Config()
-    words = [PROGRAM, verb]
-    root = os.path.abspath(c.root)
-    if root != os.getcwd():
-        words += ["--root", root]
+    words = [PROGRAM, verb, f"--root={os.path.abspath(c.root)}"]  # so it runs the same from any folder
+    if index:
+        words.append(f"--index={index}")
     for field in msgspec.structs.fields(Config):
         name, value = field.name, getattr(c, field.name)
-        if name == "root" or value == getattr(default, name) or value is None:
-            continue
-        words += [f"--{name.replace('_', '-')}", _spell(name, value)]
+        if name == "root" or value is None or (value == getattr(default, name) and name not in changes):
+            continue  # a value the fix sets is spelled out even when it is the default: pyproject may differ
+        words.append(f"--{name.replace('_', '-')}={_spell(name, value)}")  # `=`: a value may start with '-'
     return shlex.join([*words, *extra])
 
 
@@ -38,5 +38,5 @@ def _spell(name: str, value) -> str:
     if isinstance(value, bool):
         return ("on" if value else "off") if name in _ON_OFF else str(value).lower()
     if isinstance(value, tuple):
-        return " ".join(value)
+        return shlex.join(value)  # the command line splits globs the way a shell does (config.make_config)
     return str(value)

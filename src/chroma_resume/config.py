@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 from typing import Literal
 
 import msgspec
@@ -85,7 +86,7 @@ def make_config(**options) -> Config:
     for key in ("include", "exclude"):
         if isinstance(given.get(key), (list, str)):
             value = given[key]
-            given[key] = tuple(value.split()) if isinstance(value, str) else tuple(value)
+            given[key] = tuple(_split_globs(key, value)) if isinstance(value, str) else tuple(value)
     try:
         config = msgspec.convert(given, Config, strict=False)
     except msgspec.ValidationError as exc:  # msgspec names the field as `$.chroma_port`: name the option
@@ -93,6 +94,14 @@ def make_config(**options) -> Config:
         raise UsageError(f"invalid option: {named}") from None
     _check(config)
     return config
+
+
+def _split_globs(key: str, value: str) -> list[str]:
+    """Space-separated globs, quoted like a shell's words so a name with a space can be one glob."""
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise UsageError(f"--{key} {value!r}: {exc}") from None
 
 
 def _check(c: Config) -> None:
@@ -116,8 +125,8 @@ def _check(c: Config) -> None:
     check_collection_name(c.collection)
     if c.backend == "onnx" and c.device != "cpu":
         raise UsageError(f"--backend onnx runs on the CPU; with --device {c.device} use --backend auto or torch")
-    if c.embed_model.startswith("hash:") and not (c.embed_model[5:].isdigit() and int(c.embed_model[5:]) > 0):
-        raise UsageError(f"--embed-model {c.embed_model!r}: the stand-in embedder is hash:DIM, DIM at least 1, "
+    if c.embed_model.startswith("hash:") and not (c.embed_model[5:].isdigit() and 0 < int(c.embed_model[5:]) <= 65536):
+        raise UsageError(f"--embed-model {c.embed_model!r}: the stand-in embedder is hash:DIM, DIM from 1 to 65536, "
                          f"e.g. hash:64")
     if not 1 <= c.chroma_port <= 65535:
         raise UsageError(f"--chroma-port {c.chroma_port}: a TCP port, 1 to 65535")

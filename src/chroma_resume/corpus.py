@@ -175,7 +175,7 @@ def _skip(c: Config, warn: Warn, key: str, uri: str, reason: str) -> None:
 
 # ---- units JSONL ---------------------------------------------------------------------
 
-class _Unit(msgspec.Struct):
+class _Unit(msgspec.Struct, forbid_unknown_fields=True):  # a misspelt key must not be dropped silently
     source_uri: str
     text: str
     doc_id: str | None = None

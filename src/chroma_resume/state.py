@@ -120,7 +120,10 @@ def now_iso() -> str:
 
 
 def paths(c: cfg.Config) -> dict[str, str]:
-    """Where this configuration's state lives (DESIGN §2)."""
+    """Where this configuration's state lives (DESIGN §2); a --state-root that is a file is exit 2."""
+    root = cfg.path(c, c.state_root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UsageError(f"--state-root {root} is a file, not a folder")
     sdir = schema.state_dir(c)
     return {"state_dir": sdir, "collection_dir": cfg.collection_dir(c),
             "manifest": os.path.join(sdir, MANIFEST_NAME), "wal": os.path.join(sdir, WAL_NAME)}
@@ -134,6 +137,8 @@ def load_manifest(path: str) -> Manifest | None:
             data = fh.read()
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise UsageError(f"{path}: a folder on its path is a file (check --state-root)") from None
     try:
         return msgspec.json.decode(data, type=Manifest)
     except msgspec.DecodeError as exc:
@@ -154,6 +159,8 @@ def read_latest(collection_dir: str) -> str | None:
             return fh.read().strip() or None
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise UsageError(f"{collection_dir}: a folder on its path is a file (check --state-root)") from None
 
 
 def write_latest(collection_dir: str, schema_hash: str) -> None:

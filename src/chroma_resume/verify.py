@@ -50,8 +50,12 @@ class Fixes:
     (`commands.command_line`), so a fix pasted into a shell acts on this index. `rank`: strongest
     first; each repair also does what the weaker ones do, and a manual step comes before all."""
 
-    def __init__(self, c: Config, manifest: str):
-        build = functools.partial(command_line, c, "build")
+    def __init__(self, c: Config, manifest: str, index: str | None = None):
+        # A repair writes its manifest, and deletes what verify calls orphans: a fix under --write-state false
+        # or --sync-mode none would fail the same checks forever.
+        repairing = {"write_state": True, **({"sync_mode": "incremental"} if c.sync_mode == "none" else {})}
+        self.index = index
+        build = functools.partial(command_line, c, "build", index=index, **repairing)
         self.build = build()  # writes what is missing or stale: manifest, collection, fingerprint, a changed corpus
         self.resume = self.build  # a build resumes an unfinished run (clean-wal --force discards it instead)
         self.reconcile = build(strict_sync=True)  # compares id sets: deletes orphans, restores missing chunks
@@ -59,7 +63,7 @@ class Fixes:
         # The stored vectors disagree with the model: cached vectors may be what is wrong (a flipped bit that is
         # still a unit vector, weights changed in place), so every vector is computed again and the cache corrected.
         self.reembed = build(sync_mode="delete-stale", embed_cache_refresh=True)
-        self.repair = command_line(c, "repair")
+        self.repair = command_line(c, "repair", index=index, **repairing)
         # Chroma's search graph itself is damaged: updating rows in place mends it only partly (measured), a
         # collection created anew and filled from the cache restores it. With the manifest set aside (kept
         # beside it), --on-missing-state reset does exactly that; nothing is embedded that the cache holds.
@@ -116,12 +120,13 @@ class _Slot(msgspec.Struct, frozen=True):
     index: int
 
 
-def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: TextIO = sys.stderr) -> VerifyResult:
+def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: TextIO = sys.stderr,
+           index: str | None = None) -> VerifyResult:
     """Run every check; raises only for the store itself (RuntimeFailure, exit 5) or bad options.
     Creates nothing: a missing database or collection is a failed check, never a new empty one."""
     p = state.paths(c)
     schema = schema_hash(c)
-    fixes = Fixes(c, p["manifest"])
+    fixes = Fixes(c, p["manifest"], index)
     manifest, manifest_check = _manifest_check(p, schema, fixes)
     store_check = _store_check(c, fixes)
     db = store.open_store(c) if store_check.ok else None
@@ -188,7 +193,7 @@ def _manifest_check(p: dict, schema: str, fixes: Fixes) -> tuple[state.Manifest 
 def _wal_check(c: Config, path: str, schema: str, manifest: state.Manifest | None, incarnation: str,
                fixes: Fixes) -> Check:
     """Describes the WAL as resume-status does: the decision a build would take, with its reason."""
-    discard = command_line(c, "clean-wal", "--force")
+    discard = command_line(c, "clean-wal", "--force", index=fixes.index)
     try:
         replay = wal.read(path)
     except ChromaResumeError as exc:
@@ -215,6 +220,8 @@ def _store_check(c: Config, fixes: Fixes) -> Check:
     if store.embedded_store_missing(c):
         return _check("store", False, f"no Chroma database at {cfg.db_identity(c)} (verify creates none)",
                       fixes.build, fixes)
+    if store.damaged_files(c):  # unopened: Chroma would write a new database into an emptied chroma.sqlite3
+        return _broken_store(c, StoreCorrupt(f"Chroma cannot read its own files: {store.damaged_files(c)[:3]} are empty"), fixes)
     try:
         store.check_index(c)
     except StoreCorrupt as exc:
@@ -339,7 +346,7 @@ def _fresh_checks(c: Config, manifest: state.Manifest, text_sha: dict[str, str],
         checks.append(Check("fresh_unreadable", False,
                             f"{len(unreadable)} indexed document(s) cannot be read now and are kept as they were "
                             f"indexed {unreadable[:SHOW]}: make them readable and run {fixes.build}, or leave them out "
-                            f"(the fix)", command_line(c, "build", exclude=c.exclude + left_out)))
+                            f"(the fix)", command_line(c, "build", index=fixes.index, exclude=c.exclude + left_out)))
     return checks
 
 

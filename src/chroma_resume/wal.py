@@ -17,7 +17,7 @@ from typing import Union
 import msgspec
 
 from . import failpoints
-from .errors import RuntimeFailure, WalCorrupt
+from .errors import RuntimeFailure, UsageError, WalCorrupt
 
 WAL_VERSION = 1
 
@@ -244,6 +244,8 @@ def read(path: str) -> Replay | None:
         fh = open(path, "rb")
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise UsageError(f"{path}: a folder on its path is a file (check --state-root)") from None
     r = Replay(path=path)
     damage: tuple[int, int] | None = None  # (line number, byte offset) of the first bad line
     offset = 0
