@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,9 +112,10 @@ def doit(python: Path, repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def ran(result: subprocess.CompletedProcess) -> dict[str, str]:
-    """task -> '.' (ran) or '--' (up to date), from doit's own lines."""
-    marks = [line.split(None, 1) for line in result.stdout.splitlines() if line.startswith((".  ", "-- "))]
-    return {task.strip(): mark for mark, task in marks}
+    """task -> '.' (ran) or '--' (up to date), from doit's own marks. Not anchored to a line start: under
+    `doit -n 2` two processes write to one stdout, and a mark can follow another task's unfinished line."""
+    return {task: mark for mark, task in re.findall(r"(?<![\w-])(\.|--) {1,2}((?:build|verify|notes)[\w:-]*)",
+                                                     result.stdout)}
 
 
 def summaries(result: subprocess.CompletedProcess) -> dict[str, dict]:
