@@ -113,8 +113,9 @@ def doit(python: Path, repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 def ran(result: subprocess.CompletedProcess) -> dict[str, str]:
     """task -> '.' (ran) or '--' (up to date), from doit's own marks. Not anchored to a line start: under
-    `doit -n 2` two processes write to one stdout, and a mark can follow another task's unfinished line."""
-    return {task: mark for mark, task in re.findall(r"(?<![\w-])(\.|--) {1,2}((?:build|verify|notes)[\w:-]*)",
+    `doit -n 2` two processes write to one stdout, and a mark can follow another task's unfinished line
+    (`... schema_hash=1be2e7781340331c.  build:notes`)."""
+    return {task: mark for mark, task in re.findall(r"(\.|--) {1,2}((?:build|verify|notes)[\w:-]*)",
                                                      result.stdout)}
 
 
@@ -147,7 +148,7 @@ def test_a_users_repository_with_two_indexes(venv, user_repo):
     # parallel: two indexes, one state root, one embedding cache
     both = doit(python, repo, "-n", "2", "build")
     assert both.returncode == 0, both.stdout + both.stderr
-    assert ran(both) == {"notes": ".", "build:docs": ".", "build:notes": "."}
+    assert ran(both) == {"notes": ".", "build:docs": ".", "build:notes": "."}, both.stdout
     assert "[WARN]" not in both.stdout + both.stderr
     manifests = {path.parent.parent.name: json.loads(path.read_text())
                  for path in (repo / ".chroma-state").glob("*/*/index_state.json")}

@@ -8,6 +8,7 @@ duplicate id) stops it at once: no retry can change the answer.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pickle
@@ -465,7 +466,7 @@ def client(c: Config):
             os.makedirs(where, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--db {where}: cannot create the Chroma folder: {exc.strerror or exc}") from None
-        return _retry(where, "open", lambda: chromadb.PersistentClient(path=str(where), **scope)), where
+        return _retry(where, "open", lambda: _persistent_client(chromadb, where, scope)), where
     api_url = _api_url(c)
     where = Endpoint(api_url.removesuffix(API_PATH), c.retry_for)
     headers = request_headers(c)
@@ -480,6 +481,22 @@ def client(c: Config):
         return chroma
 
     return _retry(where, "connect", connect), where
+
+
+def _persistent_client(chromadb, where: str, scope: dict):
+    """Chroma creating a new folder runs its migrations, and two processes doing so at once fail
+    ("table collections already exists"): `doit -n 2` builds two collections into one new --db. The
+    creation is serialised by a lock beside the folder; an existing database is opened without one
+    (so readers such as verify write nothing)."""
+    if os.path.exists(os.path.join(where, "chroma.sqlite3")):
+        return chromadb.PersistentClient(path=str(where), **scope)
+    lock = os.open(os.path.join(os.path.dirname(where), f".{os.path.basename(where).lstrip('.')}.create.lock"),
+                   os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return chromadb.PersistentClient(path=str(where), **scope)
+    finally:
+        os.close(lock)  # releases the flock
 
 
 def request_headers(c: Config) -> dict[str, str]:
