@@ -122,7 +122,9 @@ class _Run:
             raise WalCorrupt(f"--resume force: cannot resume: there is no WAL at {p['wal']}; nothing was changed. "
                              f"Rerun without --resume force to build afresh")
         missing = store.embedded_store_missing(c)  # not opened: a client would create the folder
-        damage = None if missing else self._store_damage(deep=c.store_check == "deep" or self._unclean(manifest, replay))
+        damaged = [] if missing else store.damaged_files(c)  # read before any client opens (and fills) them
+        damage = None if missing else self._store_damage(
+            damaged, deep=c.store_check == "deep" or self._unclean(manifest, replay, damaged))
         db = None if damage or missing else store.open_store(c)
         fp = db.fingerprint() if db is not None else {}
         held = db.count() if db is not None else 0
@@ -176,14 +178,14 @@ class _Run:
         finally:
             self.source.close()
 
-    def _unclean(self, manifest: state.Manifest | None, replay: wal.Replay | None) -> bool:
+    def _unclean(self, manifest: state.Manifest | None, replay: wal.Replay | None, damaged: list[str]) -> bool:
         """Whether the last run may have ended without its manifest: a WAL whose run wrote none, or a
         collection still marked as being written (--wal off). A power cut then may have left Chroma's
         index files behind its sqlite (store.check_deep)."""
         if replay is not None and not (replay.finished_ok and manifest is not None and replay.start is not None
                                        and manifest.last_build.get("run_id") == replay.start.run_id):
             return True
-        if store.damaged_files(self.c):  # never opened through a client: it would fill an emptied sqlite file
+        if damaged:  # never opened through a client: it would fill an emptied sqlite file
             return True
         try:
             found = store.stored_fingerprint(self.c)
@@ -191,14 +193,13 @@ class _Run:
             return True
         return found is not None and found["writing"] is not None
 
-    def _store_damage(self, deep: bool) -> str | None:
+    def _store_damage(self, damaged: list[str], deep: bool) -> str | None:
         """Why an embedded store cannot be read (it is set aside and rebuilt, --on-store-corrupt
         rebuild: the manifest then names a collection that is gone, so every document is planned
         again, and the embedding cache pays for the vectors), or None. A server's store, or
         --on-store-corrupt fail, refuses instead. `deep` after an unclean end: every row's vector
         and the vector index's ids are checked, not only that the store opens."""
         c = self.c
-        damaged = store.damaged_files(c)  # before a client opens them: Chroma would fill an emptied sqlite file
         try:
             if damaged:
                 raise StoreCorrupt(f"Chroma cannot read its own files: {damaged[:3]} are empty (a power cut can leave "
