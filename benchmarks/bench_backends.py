@@ -9,9 +9,12 @@ from round to round so a burst of other work on the shared machine hits each sid
   floor     a fresh process: `FlagModel.encode` of exactly the chunk texts a build embeds;
   sbert     a fresh process: `SentenceTransformer(model).encode(texts, normalize_embeddings=True)`
             (the runtime LangChain's HuggingFace embeddings use), same max length and batch;
-  default   `chroma-resume build` with no backend option (auto: the checked ONNX export on a CPU),
+  default   `chroma-resume build` with no backend option (auto: the checked ONNX export on a CPU,
+            which exists, since auto never makes one),
             a fresh db, state root and empty embedding cache; the export already made;
-  torch     the same with `--backend torch`.
+  torch     the same with `--backend torch`;
+  int8      the same with `--backend onnx-int8` (the export quantized; other vectors, so its least
+            and mean cosine to the floor are reported beside its speed).
 The first export (torch load, export, probe check, in a fresh process) is measured once, before
 the rounds, and a cold build that pays for it once, after them. Figures are medians over the
 rounds, ratios of medians; every pass and the load average around it are printed. Vectors of
@@ -31,18 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_build as bb  # noqa: E402  (standard library only at its top)
 
 HERE = Path(__file__).resolve()
-SIDES = ("floor", "default", "torch", "sbert")
+SIDES = ("floor", "default", "torch", "sbert", "int8")
 
 
 # ---- workers (`bench_backends.py worker NAME JSON`, each in a fresh process) -------------
 
 def worker_export(a: dict) -> dict:
-    """The first export of the model beside an embedding cache: torch load, export, probe check."""
+    """The first export of the model beside an embedding cache: torch load, export, probe check
+    (backend onnx); or its quantization and check, the float32 export made already (onnx-int8)."""
     from chroma_resume import onnx_backend
     from chroma_resume.config import make_config
     from chroma_resume.reporting import Warnings
 
-    c = make_config(root=a["root"], embed_cache=a["cache"])
+    c = make_config(root=a["root"], embed_cache=a["cache"], backend=a["backend"])
     warn = Warnings()
     embedder = onnx_backend.load(c, warn)
     meta = embedder.meta
@@ -68,18 +72,26 @@ def worker_sbert(a: dict) -> dict:
 
 
 def worker_compare(a: dict) -> dict:
-    """Least cosine to the floor's vectors: of a build's collection (matched by chunk text) and of sbert's."""
+    """Least (and mean) cosine to the floor's vectors: of each build's collection (matched by chunk
+    text) and of sbert's."""
     import chromadb
     import numpy as np
 
     texts = json.loads(Path(a["texts"]).read_text(encoding="utf-8"))
     floor = np.load(a["floor"]).astype(np.float64)
-    got = chromadb.PersistentClient(path=a["db"]).get_collection("bench").get(include=["documents", "embeddings"])
-    by_text = {t: np.asarray(e, dtype=np.float64) for t, e in zip(got["documents"], got["embeddings"])}
-    build = np.array([by_text[t] for t in texts])
-    sbert = np.load(a["sbert"]).astype(np.float64)
-    return {"build_min_cos": float(np.einsum("ij,ij->i", build, floor).min()),
-            "sbert_min_cos": float(np.einsum("ij,ij->i", sbert, floor).min()), "chunks": len(texts)}
+
+    def cosines(vectors) -> dict:
+        got = np.einsum("ij,ij->i", np.asarray(vectors, dtype=np.float64), floor)
+        return {"min": float(got.min()), "mean": float(got.mean())}
+
+    found = {"chunks": len(texts)}
+    for side, db in a["dbs"].items():
+        got = chromadb.PersistentClient(path=db).get_collection("bench").get(include=["documents", "embeddings"])
+        by_text = dict(zip(got["documents"], got["embeddings"]))
+        found[side] = cosines([by_text[t] for t in texts])
+    if a.get("sbert"):
+        found["sbert"] = cosines(np.load(a["sbert"]))
+    return found
 
 
 WORKERS = {"export": worker_export, "sbert": worker_sbert, "compare": worker_compare, "floor": bb.worker_floor}
@@ -104,7 +116,11 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
     runs["corpus"] = {"docs": len(files), "chunks": len(texts), "max_length": common["max_length"], "batch": batch}
     shared = root / "shared"  # where every default build's embedding cache lives, so the export beside it
     shared.mkdir()
-    runs["export"] = r.worker("export", {"root": str(root), "cache": str(shared / "cache-export.sqlite3")})
+    runs["export"] = r.worker("export", {"root": str(root), "cache": str(shared / "cache-export.sqlite3"),
+                                         "backend": "onnx"})
+    if "int8" in a.sides:
+        runs["quantize"] = r.worker("export", {"root": str(root), "cache": str(shared / "cache-export.sqlite3"),
+                                               "backend": "onnx-int8"}, "quantize")
 
     for i in range(a.rounds):
         for side in a.sides[i % len(a.sides):] + a.sides[:i % len(a.sides)]:
@@ -115,16 +131,20 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
                 runs[name] = r.worker("sbert", {**common, "save": str(root / "sbert.npy")}, name)
             elif side == "default":
                 runs[name] = r.build(name, f"runs/{name}", "--embed-cache", str(shared / f"cache-{name}.sqlite3"))
+            elif side == "int8":
+                runs[name] = r.build(name, f"runs/{name}", "--embed-cache", str(shared / f"cache-{name}.sqlite3"),
+                                     "--backend", "onnx-int8")
             else:
                 runs[name] = r.build(name, f"runs/{name}", "--backend", "torch")
-            if side in ("default", "torch"):
+            if side in ("default", "torch", "int8"):
                 assert runs[name]["summary"]["chunks_embedded"] == len(texts), (name, runs[name]["summary"])
     if a.first_build:
-        runs["first"] = r.build("first", "runs/first")  # a fresh state root: this build exports and checks
-    if {"floor", "default", "sbert"} <= set(a.sides):
-        runs["compare"] = r.worker("compare", {"texts": str(root / "texts.json"), "floor": floor["save"],
-                                               "sbert": str(root / "sbert.npy"),
-                                               "db": str(root / f"runs/default-{a.rounds - 1}/db")})
+        runs["first"] = r.build("first", "runs/first", "--backend", "onnx")  # a fresh state root: exports, checks
+    last = a.rounds - 1
+    runs["compare"] = r.worker("compare", {
+        "texts": str(root / "texts.json"), "floor": floor["save"],
+        "sbert": str(root / "sbert.npy") if "sbert" in a.sides else None,
+        "dbs": {side: str(root / f"runs/{side}-{last}/db") for side in ("default", "int8") if side in a.sides}})
     return runs
 
 
@@ -155,7 +175,8 @@ def figures(runs: dict, sides: tuple[str, ...]) -> tuple[list[tuple[str, ...]], 
              f"{corpus['docs']} docs, max_length {corpus['max_length']}, batch {corpus['batch']}", _loads(runs, "floor"))]
     for side, label, target in (("default", "cold build, default backend (onnx) / floor", "<= 0.75"),
                                 ("torch", "cold build, --backend torch / floor", "<= 1.00"),
-                                ("sbert", "sentence-transformers encode / floor", "")):
+                                ("sbert", "sentence-transformers encode / floor", ""),
+                                ("int8", "cold build, --backend onnx-int8 / floor", "")):
         if side not in sides:
             continue
         rows.append((label, f"{ratios[f'{side}_vs_floor']:.3f}", target,
@@ -171,16 +192,27 @@ def figures(runs: dict, sides: tuple[str, ...]) -> tuple[list[tuple[str, ...]], 
          f"export {ex['answer']['export_sec']:.1f} s + probe check {ex['answer']['check_sec']:.1f} s, rest torch "
          f"import and model load; model.onnx {ex['answer']['onnx_mb']:.0f} MB", f"{ex['load_before']:.1f}"),
     ]
+    if "quantize" in runs:
+        q = runs["quantize"]
+        rows.append(("first int8 quantization (fresh process)", f"{q['wall_sec']:.1f} s", "once per model",
+                     f"quantize {q['answer']['export_sec']:.1f} s + check {q['answer']['check_sec']:.1f} s against the "
+                     f"float32 export (worst probe cosine {q['answer']['worst_cosine']:.4f}); model.onnx "
+                     f"{q['answer']['onnx_mb']:.0f} MB", f"{q['load_before']:.1f}"))
     if "first" in runs:
         rows.append(("cold build paying the first export", f"{runs['first']['wall_sec']:.1f} s", "",
                      f"fresh state root; vs the default build's median {wall['default']:.1f} s",
                      f"{runs['first']['load_before']:.1f}"))
     if "compare" in runs:
         cmp_ = runs["compare"]["answer"]
-        ratios["build_min_cos"] = cmp_["build_min_cos"]
-        rows.append(("least cosine to FlagModel.encode", f"{cmp_['build_min_cos']:.7f}", ">= 0.99999",
-                     f"default build, all {cmp_['chunks']} chunks; sentence-transformers {cmp_['sbert_min_cos']:.7f}; "
-                     f"probe check {ex['answer']['worst_cosine']:.7f}", ""))
+        ratios["build_min_cos"] = cmp_["default"]["min"]
+        sbert = f"; sentence-transformers {cmp_['sbert']['min']:.7f}" if "sbert" in cmp_ else ""
+        rows.append(("least cosine to FlagModel.encode", f"{cmp_['default']['min']:.7f}", ">= 0.99999",
+                     f"default build, all {cmp_['chunks']} chunks{sbert}; probe check "
+                     f"{ex['answer']['worst_cosine']:.7f}", ""))
+        if "int8" in cmp_:
+            ratios["int8_min_cos"] = cmp_["int8"]["min"]
+            rows.append(("int8 build: cosine to FlagModel.encode", f"{cmp_['int8']['min']:.4f}", "",
+                         f"least; mean {cmp_['int8']['mean']:.4f} over all {cmp_['chunks']} chunks", ""))
     return rows, ratios
 
 

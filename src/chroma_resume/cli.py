@@ -80,9 +80,10 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("ray-gpus-per-worker", float, "GPUs Ray reserves per actor, with --device cuda (default 0)"),
     ("max-batches-in-flight", int, "upsert batches handed to the model and not yet written (default 1 locally, "
                                    "2 per Ray worker); each holds its texts and vectors in memory"),
-    ("backend", ("auto", "torch", "onnx"), "runtime of the model on a CPU: onnx = an ONNX Runtime export, made once and "
-                                           "checked against torch; auto = that export where one exists, else torch "
-                                           "(default auto; a GPU always runs torch)"),
+    ("backend", ("auto", "torch", "onnx", "onnx-int8"),
+     "runtime of the model on a CPU: onnx = an ONNX Runtime export, made once and checked against torch; auto = "
+     "that export where one exists, else torch (default auto; a GPU always runs torch); onnx-int8 = that export "
+     "quantized to int8: faster, other vectors (a schema change)"),
 ]
 
 

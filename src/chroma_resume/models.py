@@ -156,6 +156,11 @@ def _read_json_list(file: str) -> list:
 
 # ---- device and precision ----------------------------------------------------------
 
+# Backends whose vectors differ from the model's float32 ones, and what they do to it. Unlike the
+# float32 ONNX export (checked equal to torch, so not part of the identity), these are.
+QUANTIZED_BACKENDS = {"onnx-int8": "int8 dynamic, per-channel weights, MatMul only"}
+
+
 def half_precision(device: str, fp16: str) -> bool:
     """--fp16 auto means half precision exactly on CUDA; decided from the options alone so
     the model fingerprint needs no torch."""
@@ -271,6 +276,8 @@ def model_fingerprint(c: Config) -> str:
     where = location(c)
     fields = {"files": content_identity(c, where), "pooling": pooling(c), "max_length": effective_max_length(c),
               "normalize": True, "half_precision": half_precision(c.device, c.fp16)}
+    if c.backend in QUANTIZED_BACKENDS:  # only then, so every float32 index keeps the fingerprint it had
+        fields["quantization"] = QUANTIZED_BACKENDS[c.backend]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     family = _read_json(model_file(where, "config.json")).get("model_type") or "model"
     return f"{family}@{digest}"
@@ -341,6 +348,16 @@ def _download(c: Config) -> None:
         raise ModelLoadError(f"cannot download model {c.embed_model!r}: {exc}") from None
 
 
+def _check_quantizer(c: Config) -> None:
+    """A quantized backend has no float32 fallback (its vectors are the schema's): what it needs
+    to make its export must be importable before anything is written."""
+    import importlib.util
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelLoadError(f"--backend {c.backend} needs the {' and '.join(missing)} package(s); install the "
+                             f"project's dependencies or use --backend onnx or torch")
+
+
 def preflight(c: Config) -> ModelInfo:
     """Every check that can refuse this model, without torch (unless a CUDA device is named) and
     without loading weights. Raises ModelLoadError (exit 2) naming the model and the fix."""
@@ -362,6 +379,8 @@ def preflight(c: Config) -> ModelInfo:
     if positions and length and length > positions:
         raise ModelLoadError(f"--max-length {length} exceeds the {positions} positions of model {c.embed_model!r}")
     _check_weights(c, _snapshot_folder(where))
+    if c.backend in QUANTIZED_BACKENDS:
+        _check_quantizer(c)
     if c.device != "cpu" or c.fp16 == "on":
         resolve_device(c.device, c.fp16, cuda_device_count() if c.device != "cpu" else 0)
     return ModelInfo(location=where, fingerprint=model_fingerprint(c), dim=dim, max_length=length)
