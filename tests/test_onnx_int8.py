@@ -47,7 +47,7 @@ def test_int8_is_made_from_the_checked_float32_export(quantized):
     base = onnx_backend.read_meta(onnx_backend.export_dir(_float32(c)), models.model_fingerprint(_float32(c)))
     meta = onnx_backend.read_meta(onnx_backend.export_dir(c), models.model_fingerprint(c))
     assert base.passed and base.quantization == ""
-    assert meta.passed and meta.quantization == models.QUANTIZED_BACKENDS["onnx-int8"]
+    assert meta.passed and meta.quantization == models.REDUCED_PRECISION["onnx-int8"]
     # quantized for real: smaller weights and vectors that moved, but within the check's bound
     assert meta.onnx_bytes < base.onnx_bytes * 0.7
     assert onnx_backend.INT8_MIN_COSINE <= meta.worst_cosine < 0.9999
@@ -99,8 +99,8 @@ def test_int8_options():
 
 def test_an_int8_build_over_a_float32_index(tmp_path):
     """Switching to int8 is a schema change (refused under fail, a reset otherwise) that embeds every
-    chunk again (no float32 cache entry serves it), verifies deep with its own vectors, and is
-    then a no-op."""
+    chunk again (no float32 cache entry serves it), verifies deep with its own vectors (a verify
+    that forgets the option names it), and is then a no-op."""
     for name in ("rivers.md", "guides/write-ahead-logging.md", "zh/yuxie-rizhi.md"):
         (tmp_path / "corpus" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "examples" / "corpus" / name, tmp_path / "corpus" / name)
@@ -121,5 +121,9 @@ def test_an_int8_build_over_a_float32_index(tmp_path):
     assert onnx_backend.INT8_MIN_COSINE - 1e-5 <= min(cosines) < 0.9999
     checked = run_cli(["verify", *base, "--backend", "onnx-int8", "--deep", "all"], cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    # without the option the index was built with (the float32 manifest of the first build is still there)
+    forgot = run_cli(["verify", *base], cwd=tmp_path)
+    assert forgot.returncode == 1
+    assert "was schema" in forgot.stdout and "with --backend onnx-int8 (given: auto)" in forgot.stdout
     again = run_cli(["build", *base, "--backend", "onnx-int8"], cwd=tmp_path)
     assert again.returncode == 0 and summary(again.stdout)["docs_processed"] == "0"

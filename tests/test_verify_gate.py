@@ -175,3 +175,14 @@ def test_verify_and_resume_status_create_no_database(workdir):
     fix = printed_fix(result)
     assert run_shell(fix, cwd=workdir).returncode == 0
     assert run_cli(["verify", *HASH_BUILD], cwd=workdir).returncode == 0
+
+
+def test_a_verify_that_forgets_a_schema_option_names_it(workdir):
+    """Not 'no manifest' alone: the fix would rebuild the collection under the options given."""
+    assert run_cli(["build", *HASH_BUILD, "--chunk-chars", "500"], cwd=workdir).returncode == 0
+    forgot = run_cli(["verify", *HASH_BUILD], cwd=workdir)
+    assert failed(forgot.stdout) == {"manifest"}
+    detail = checks(forgot.stdout)["manifest"][1]
+    assert "no manifest at" in detail and "with --chunk-chars 500 (given: 1200)" in detail
+    assert "--upsert-batch" not in detail  # options that do not change the schema are not named
+    assert run_cli(["verify", *HASH_BUILD, "--chunk-chars", "500"], cwd=workdir).returncode == 0

@@ -80,10 +80,11 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("ray-gpus-per-worker", float, "GPUs Ray reserves per actor, with --device cuda (default 0)"),
     ("max-batches-in-flight", int, "upsert batches handed to the model and not yet written (default 1 locally, "
                                    "2 per Ray worker); each holds its texts and vectors in memory"),
-    ("backend", ("auto", "torch", "onnx", "onnx-int8"),
+    ("backend", ("auto", "torch", "onnx", "onnx-int8", "torch-bf16"),
      "runtime of the model on a CPU: onnx = an ONNX Runtime export, made once and checked against torch; auto = "
-     "that export where one exists, else torch (default auto; a GPU always runs torch); onnx-int8 = that export "
-     "quantized to int8: faster, other vectors (a schema change)"),
+     "that export where one exists, else torch (default auto; a GPU always runs torch). Faster, with other "
+     "vectors (a schema change): onnx-int8 = that export quantized to int8; torch-bf16 = torch in bfloat16 "
+     "(for CPUs with AMX or AVX-512 BF16)"),
 ]
 
 

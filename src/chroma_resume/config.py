@@ -77,8 +77,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ray_cpus_per_worker: float = 1.0
     ray_gpus_per_worker: float = 0.0
     max_batches_in_flight: int | None = None  # None: 1 locally, 2 per Ray worker
-    # auto: a checked ONNX export where one exists, else torch; onnx-int8 changes vectors (part of the schema)
-    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    # auto: a checked ONNX export where one exists, else torch; onnx-int8 and torch-bf16 change vectors
+    # (they are part of the model's identity, so of the schema)
+    backend: Literal["auto", "torch", "onnx", "onnx-int8", "torch-bf16"] = "auto"
 
 
 def make_config(**options) -> Config:
@@ -124,8 +125,9 @@ def _check(c: Config) -> None:
     if not 0 <= c.min_chunk_chars <= c.chunk_chars:
         raise UsageError("--min-chunk-chars must be between 0 and --chunk-chars")
     check_collection_name(c.collection)
-    if c.backend.startswith("onnx") and c.device != "cpu":
-        raise UsageError(f"--backend {c.backend} runs on the CPU; with --device {c.device} use --backend auto or torch")
+    if c.backend in ("onnx", "onnx-int8", "torch-bf16") and c.device != "cpu":
+        raise UsageError(f"--backend {c.backend} runs on the CPU; with --device {c.device} use --backend auto or torch "
+                         f"(--fp16 auto is half precision there)")
     if c.embed_model.startswith("hash:") and not (c.embed_model[5:].isdigit() and 0 < int(c.embed_model[5:]) <= 65536):
         raise UsageError(f"--embed-model {c.embed_model!r}: the stand-in embedder is hash:DIM, DIM from 1 to 65536, "
                          f"e.g. hash:64")

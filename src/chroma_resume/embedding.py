@@ -6,6 +6,7 @@ identity) is models.py's: this module only runs it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import struct
@@ -49,11 +50,14 @@ class FlagEmbedder:
     pass per call: +12% at 256 chunks per group) and prints progress bars of its own.
     """
 
-    def __init__(self, flag, name: str, batch_size: int, device: str):
+    def __init__(self, flag, name: str, batch_size: int, device: str, bf16: bool = False):
         import torch
 
         self.torch = torch
         self.flag, self.name, self.batch_size, self.device = flag, name, batch_size, device
+        # --backend torch-bf16: matrix products in bfloat16 (AMX on CPUs that have it), the pooling and
+        # normalisation of their float32 results
+        self.precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.dim = flag.model.config.hidden_size  # cls and mean pooling keep the hidden size
         self.embedded = 0
         # We pad pre-tokenized batches on purpose (tokenizing once is the point); silence the hint.
@@ -68,12 +72,12 @@ class FlagEmbedder:
         if not texts:
             return vectors
         tokens = flag.tokenizer(list(texts), truncation=True, max_length=flag.passage_max_length)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.precision():
             for picked in length_batches([len(ids) for ids in tokens["input_ids"]], self.batch_size):
                 batch = flag.tokenizer.pad({k: [v[i] for i in picked] for k, v in tokens.items()},
                                            return_tensors="pt").to(self.device)
-                hidden = flag.model(**batch, return_dict=True).last_hidden_state
-                pooled = flag.pooling(hidden, batch["attention_mask"]).float()
+                hidden = flag.model(**batch, return_dict=True).last_hidden_state.float()
+                pooled = flag.pooling(hidden, batch["attention_mask"])
                 vectors[picked] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         self.embedded += len(texts)
         return vectors
@@ -101,7 +105,7 @@ def load(c: Config, warn=None):
     probe check."""
     if models.is_stand_in(c):
         return HashEmbedder(models.preflight(c).dim)
-    if c.backend != "torch" and c.device == "cpu":
+    if c.backend in ("auto", "onnx", "onnx-int8") and c.device == "cpu":
         from . import onnx_backend
         from .reporting import Warnings
         return onnx_backend.load(c, warn or Warnings())
@@ -126,4 +130,4 @@ def load_torch(c: Config) -> FlagEmbedder:
     except Exception as exc:  # any loader failure is the model's fault, not ours
         raise ModelLoadError(f"cannot load model {c.embed_model!r} from {info.location}: {exc}") from None
     flag.passage_max_length = info.max_length or flag.passage_max_length
-    return FlagEmbedder(flag, c.embed_model, batch, device)
+    return FlagEmbedder(flag, c.embed_model, batch, device, bf16=c.backend == "torch-bf16")

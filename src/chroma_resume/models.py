@@ -158,7 +158,8 @@ def _read_json_list(file: str) -> list:
 
 # Backends whose vectors differ from the model's float32 ones, and what they do to it. Unlike the
 # float32 ONNX export (checked equal to torch, so not part of the identity), these are.
-QUANTIZED_BACKENDS = {"onnx-int8": "int8 dynamic, per-channel weights, MatMul only"}
+REDUCED_PRECISION = {"onnx-int8": "int8 dynamic, per-channel weights, MatMul only",
+                     "torch-bf16": "bfloat16 autocast, float32 pooling and normalisation"}
 
 
 def half_precision(device: str, fp16: str) -> bool:
@@ -276,8 +277,8 @@ def model_fingerprint(c: Config) -> str:
     where = location(c)
     fields = {"files": content_identity(c, where), "pooling": pooling(c), "max_length": effective_max_length(c),
               "normalize": True, "half_precision": half_precision(c.device, c.fp16)}
-    if c.backend in QUANTIZED_BACKENDS:  # only then, so every float32 index keeps the fingerprint it had
-        fields["quantization"] = QUANTIZED_BACKENDS[c.backend]
+    if c.backend in REDUCED_PRECISION:  # only then, so every float32 index keeps the fingerprint it had
+        fields["reduced_precision"] = REDUCED_PRECISION[c.backend]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     family = _read_json(model_file(where, "config.json")).get("model_type") or "model"
     return f"{family}@{digest}"
@@ -379,7 +380,7 @@ def preflight(c: Config) -> ModelInfo:
     if positions and length and length > positions:
         raise ModelLoadError(f"--max-length {length} exceeds the {positions} positions of model {c.embed_model!r}")
     _check_weights(c, _snapshot_folder(where))
-    if c.backend in QUANTIZED_BACKENDS:
+    if c.backend == "onnx-int8":
         _check_quantizer(c)
     if c.device != "cpu" or c.fp16 == "on":
         resolve_device(c.device, c.fp16, cuda_device_count() if c.device != "cpu" else 0)

@@ -80,7 +80,7 @@ class ExportMeta(msgspec.Struct, kw_only=True):
     passed: bool
     worst_cosine: float | None  # None: no check ran (the export failed)
     cause: str = ""  # why it is not used (a failed check or export)
-    quantization: str = ""  # models.QUANTIZED_BACKENDS' words for a quantized export; "" for float32
+    quantization: str = ""  # models.REDUCED_PRECISION's words for a quantized export; "" for float32
     versions: dict[str, str] = {}
     export_sec: float = 0.0
     check_sec: float = 0.0
@@ -151,7 +151,7 @@ def read_meta(folder: str, fingerprint: str) -> ExportMeta | None:
 def load(c: Config, warn):
     """The checked ONNX embedder for a CPU build, exporting and checking it first if needed;
     the torch embedder (after a WARN) when the export cannot be made or did not pass."""
-    if c.backend in models.QUANTIZED_BACKENDS:
+    if c.backend == "onnx-int8":
         return _load_quantized(c, warn)
     folder, fingerprint = export_dir(c), models.model_fingerprint(c)
     batch = c.embed_batch or embedding.CPU_BATCH
@@ -288,7 +288,7 @@ def _quantize_and_check(c: Config, folder: str, fingerprint: str, batch: int, wa
     target = os.path.join(folder, "model.onnx")
     tmp = f"{target}.tmp.{os.getpid()}"
     meta = msgspec.structs.replace(base.meta, fingerprint=fingerprint, passed=False, worst_cosine=None,
-                                   quantization=models.QUANTIZED_BACKENDS[c.backend], check_sec=0.0)
+                                   quantization=models.REDUCED_PRECISION[c.backend], check_sec=0.0)
     t0 = time.perf_counter()
     try:
         # MatMuls with constant weights only: quantizing attention's activation x activation

@@ -127,7 +127,7 @@ def verify(c: Config, *, fresh: bool = False, deep: Deep | None = None, stream: 
     p = state.paths(c)
     schema = schema_hash(c)
     fixes = Fixes(c, p["manifest"], index)
-    manifest, manifest_check = _manifest_check(p, schema, fixes)
+    manifest, manifest_check = _manifest_check(c, p, schema, fixes)
     store_check = _store_check(c, fixes)
     db = store.open_store(c) if store_check.ok else None
     # The collection a build would write to: a WAL of another incarnation would be set aside.
@@ -173,7 +173,7 @@ def _audit(c: Config, db: store.Store, manifest: state.Manifest, checks: list[Ch
 
 # ---- state: manifest, WAL, collection fingerprint ---------------------------------------
 
-def _manifest_check(p: dict, schema: str, fixes: Fixes) -> tuple[state.Manifest | None, Check]:
+def _manifest_check(c: Config, p: dict, schema: str, fixes: Fixes) -> tuple[state.Manifest | None, Check]:
     try:
         manifest = state.load_manifest(p["manifest"])
     except ChromaResumeError as exc:
@@ -183,11 +183,40 @@ def _manifest_check(p: dict, schema: str, fixes: Fixes) -> tuple[state.Manifest 
         return None, Check("manifest", False, f"{exc} (restore it from a backup, or set it aside and rebuild)",
                            f"{aside} && {fixes.build}")
     if manifest is None:
-        return None, _check("manifest", False, f"no manifest at {p['manifest']}", fixes.build, fixes)
+        return None, _check("manifest", False, f"no manifest at {p['manifest']}{_built_otherwise(c, p, schema)}",
+                            fixes.build, fixes)
     latest = state.read_latest(p["collection_dir"])
     return manifest, _check("manifest", latest == schema == manifest.schema_hash,
-                            f"{p['manifest']} schema={manifest.schema_hash} LATEST={latest} config={schema}",
-                            fixes.build, fixes)
+                            f"{p['manifest']} schema={manifest.schema_hash} LATEST={latest} config={schema}"
+                            f"{_built_otherwise(c, p, schema)}", fixes.build, fixes)
+
+
+def _built_otherwise(c: Config, p: dict, schema: str) -> str:
+    """When the last build here had another schema, the options that made the difference: a verify
+    that forgot one (`--backend onnx-int8`, `--chunk-chars`) must not read as a lost index, since its
+    fix would rebuild the collection under the options given."""
+    latest = state.read_latest(p["collection_dir"])
+    if not latest or latest == schema:
+        return ""
+    try:
+        other = state.load_manifest(os.path.join(p["collection_dir"], latest, state.MANIFEST_NAME))
+    except ChromaResumeError:
+        return ""
+    if other is None:
+        return ""
+    now, differ = cfg.snapshot(c), []
+    for name, old in sorted(other.config.items()):
+        if name == "root" or name not in now or old == now[name] or isinstance(old, (list, dict)):
+            continue
+        try:  # an option counts when it alone moves this configuration to another schema
+            moved = schema_hash(msgspec.structs.replace(c, **{name: old})) != schema
+        except Exception:  # noqa: BLE001 - a value this version cannot read is no hint
+            continue
+        if moved:
+            differ.append(f"--{name.replace('_', '-')} {old} (given: {now[name]})")
+    with_options = f" with {', '.join(differ)}" if differ else ""
+    return (f"; the last build of {c.collection!r} here was schema {latest}{with_options}: give the options it was "
+            f"built with, or the fix below rebuilds the collection under these")
 
 
 def _wal_check(c: Config, path: str, schema: str, manifest: state.Manifest | None, incarnation: str,
