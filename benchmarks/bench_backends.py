@@ -14,7 +14,8 @@ from round to round so a burst of other work on the shared machine hits each sid
             a fresh db, state root and empty embedding cache; the export already made;
   torch     the same with `--backend torch`;
   int8      the same with `--backend onnx-int8` (the export quantized; other vectors, so its least
-            and mean cosine to the floor are reported beside its speed).
+            and mean cosine to the floor are reported beside its speed);
+  bf16      the same with `--backend torch-bf16` (bfloat16 matrix products; other vectors too).
 The first export (torch load, export, probe check, in a fresh process) is measured once, before
 the rounds, and a cold build that pays for it once, after them. Figures are medians over the
 rounds, ratios of medians; every pass and the load average around it are printed. Vectors of
@@ -34,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_build as bb  # noqa: E402  (standard library only at its top)
 
 HERE = Path(__file__).resolve()
-SIDES = ("floor", "default", "torch", "sbert", "int8")
+SIDES = ("floor", "default", "torch", "sbert", "int8", "bf16")
+REDUCED = {"int8": "onnx-int8", "bf16": "torch-bf16"}  # side -> backend, for the sides with other vectors
 
 
 # ---- workers (`bench_backends.py worker NAME JSON`, each in a fresh process) -------------
@@ -131,12 +133,12 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
                 runs[name] = r.worker("sbert", {**common, "save": str(root / "sbert.npy")}, name)
             elif side == "default":
                 runs[name] = r.build(name, f"runs/{name}", "--embed-cache", str(shared / f"cache-{name}.sqlite3"))
-            elif side == "int8":
+            elif side in REDUCED:
                 runs[name] = r.build(name, f"runs/{name}", "--embed-cache", str(shared / f"cache-{name}.sqlite3"),
-                                     "--backend", "onnx-int8")
+                                     "--backend", REDUCED[side])
             else:
                 runs[name] = r.build(name, f"runs/{name}", "--backend", "torch")
-            if side in ("default", "torch", "int8"):
+            if side in ("default", "torch", *REDUCED):
                 assert runs[name]["summary"]["chunks_embedded"] == len(texts), (name, runs[name]["summary"])
     if a.first_build:
         runs["first"] = r.build("first", "runs/first", "--backend", "onnx")  # a fresh state root: exports, checks
@@ -144,7 +146,7 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
     runs["compare"] = r.worker("compare", {
         "texts": str(root / "texts.json"), "floor": floor["save"],
         "sbert": str(root / "sbert.npy") if "sbert" in a.sides else None,
-        "dbs": {side: str(root / f"runs/{side}-{last}/db") for side in ("default", "int8") if side in a.sides}})
+        "dbs": {side: str(root / f"runs/{side}-{last}/db") for side in ("default", *REDUCED) if side in a.sides}})
     return runs
 
 
@@ -176,7 +178,8 @@ def figures(runs: dict, sides: tuple[str, ...]) -> tuple[list[tuple[str, ...]], 
     for side, label, target in (("default", "cold build, default backend (onnx) / floor", "<= 0.75"),
                                 ("torch", "cold build, --backend torch / floor", "<= 1.00"),
                                 ("sbert", "sentence-transformers encode / floor", ""),
-                                ("int8", "cold build, --backend onnx-int8 / floor", "")):
+                                ("int8", "cold build, --backend onnx-int8 / floor", ""),
+                                ("bf16", "cold build, --backend torch-bf16 / floor", "")):
         if side not in sides:
             continue
         rows.append((label, f"{ratios[f'{side}_vs_floor']:.3f}", target,
@@ -209,10 +212,11 @@ def figures(runs: dict, sides: tuple[str, ...]) -> tuple[list[tuple[str, ...]], 
         rows.append(("least cosine to FlagModel.encode", f"{cmp_['default']['min']:.7f}", ">= 0.99999",
                      f"default build, all {cmp_['chunks']} chunks{sbert}; probe check "
                      f"{ex['answer']['worst_cosine']:.7f}", ""))
-        if "int8" in cmp_:
-            ratios["int8_min_cos"] = cmp_["int8"]["min"]
-            rows.append(("int8 build: cosine to FlagModel.encode", f"{cmp_['int8']['min']:.4f}", "",
-                         f"least; mean {cmp_['int8']['mean']:.4f} over all {cmp_['chunks']} chunks", ""))
+        for side, backend in REDUCED.items():
+            if side in cmp_:
+                ratios[f"{side}_min_cos"] = cmp_[side]["min"]
+                rows.append((f"{backend} build: cosine to FlagModel.encode", f"{cmp_[side]['min']:.5f}", "",
+                             f"least; mean {cmp_[side]['mean']:.5f} over all {cmp_['chunks']} chunks", ""))
     return rows, ratios
 
 
