@@ -68,7 +68,12 @@ def test_a_file_name_that_is_not_utf8_is_warned_escaped_and_kept(workdir):
     ({"chroma_port": 0}, "--chroma-port 0: a TCP port"), ({"chroma_port": 99999}, "--chroma-port 99999"),
     ({"chroma_timeout": 0}, "--chroma-timeout 0: seconds per request"), ({"retry_for": -1}, "--retry-for -1"),
     ({"embed_model": "hash:0"}, "hash:DIM, DIM from 1 to 65536"), ({"strict_sync": "maybe"}, "--strict-sync: expected"),
-    ({"chunk_chars": "many"}, r"\(--chunk-chars\)")])
+    ({"chunk_chars": "many"}, r"\(--chunk-chars\)"),
+    ({"ray_cpus_per_worker": "nan"}, "--ray-cpus-per-worker nan: a number"),
+    ({"ray_gpus_per_worker": "inf"}, "--ray-gpus-per-worker inf"),
+    ({"db": ""}, "--db is empty"), ({"state_root": " "}, "--state-root is empty"),
+    ({"chroma_host": ""}, "--chroma-host is empty"), ({"device": "bogus"}, "--device 'bogus': expected cpu, cuda"),
+    ({"device": "cuda:x"}, "--device 'cuda:x'")])
 def test_bad_option_values_are_refused_when_parsed_naming_the_option(tmp_path, options, said):
     with pytest.raises(UsageError, match=said):
         cli.resolve_config({"docs": "corpus", **options}, folder=str(tmp_path))
@@ -139,3 +144,22 @@ def test_help_says_what_the_tool_does_and_status_reads_at_a_glance(workdir):
     assert values["wal_version"] == "none" and values["wal_finished_ok"] == "none"
     as_json = json.loads(run_cli(["resume-status", *HASH_BUILD, "--json"], cwd=workdir).stdout)
     assert as_json["wal_version"] is None and as_json["wal_run_id"] is None
+
+
+def test_an_empty_report_name_is_refused_before_the_checks(workdir):
+    assert run_cli(["build", *HASH_BUILD], cwd=workdir).returncode == 0
+    for option in ("--report", "--junit"):
+        result = run_cli(["verify", *HASH_BUILD, option, ""], cwd=workdir)
+        assert result.returncode == 2 and "need a file name" in result.stderr and "[PASS]" not in result.stdout
+
+
+def test_a_manifest_from_a_newer_version_is_refused_not_misread(workdir):
+    assert run_cli(["build", *HASH_BUILD], cwd=workdir).returncode == 0
+    manifest = next(workdir.glob(".chroma-state/test/*/index_state.json"))
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "version": 99}))
+    for command in ("build", "verify"):
+        result = run_cli([command, *HASH_BUILD], cwd=workdir)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "is version 99, written by a newer chroma-resume" in result.stderr + result.stdout
+    assert json.loads(manifest.read_text())["version"] == 99  # left as it was

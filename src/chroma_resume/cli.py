@@ -14,7 +14,7 @@ import sys
 
 from . import config as cfg
 from . import models, schema
-from .errors import ChromaResumeError
+from .errors import ChromaResumeError, UsageError
 
 # (option, kind, help). kind: str | int | "bool" (true/false value) | a tuple of choices.
 OPTIONS: list[tuple[str, object, str]] = [
@@ -97,7 +97,7 @@ def parse_bool(value, option: str = "") -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     named = f"--{option}: " if option else ""
-    raise cfg.UsageError(f"{named}expected true or false, got {value!r}")
+    raise UsageError(f"{named}expected true or false, got {value!r}")
 
 
 def resolve_config(given: dict, folder: str = ".", index: str | None = None) -> cfg.Config:
@@ -170,6 +170,8 @@ def cmd_verify(c: cfg.Config, args) -> int:
     from .verify import deep_options, prepare_output, verify, write_junit, write_report
     deep = deep_options(args.deep, args.seed, args.tolerance)
     given = ((args.report, write_report), (args.junit, write_junit))
+    if "" in (args.report, args.junit):
+        raise UsageError("--report and --junit need a file name")
     outputs = [(cfg.path(c, target), write) for target, write in given if target]
     for target, _ in outputs:  # a bad path fails now (exit 2), not after the audit
         prepare_output(target)

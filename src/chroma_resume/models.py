@@ -31,7 +31,6 @@ from .errors import ModelLoadError
 # Tokenizers without a declared limit report int(1e30); no real model has a million positions.
 SANE_MAX_LENGTH = 1_000_000
 DIGESTS_NAME = "model-digests.json"
-_CUDA = re.compile(r"^cuda(?::(\d+))?$")
 _HASH_BLOB = re.compile(r"^[0-9a-f]{40,64}$")
 
 
@@ -178,7 +177,7 @@ def resolve_device(device: str, fp16: str, cuda_count: int) -> tuple[str, bool]:
         if fp16 == "on":
             raise ModelLoadError("--fp16 on needs a CUDA device; with --device cpu use --fp16 auto or off (float32)")
         return "cpu", False
-    match = _CUDA.match(device)
+    match = cfg.CUDA_DEVICE.match(device)
     if not match:
         raise ModelLoadError(f"--device {device!r}: expected cpu, cuda or cuda:N")
     if int(match.group(1) or 0) >= cuda_count:

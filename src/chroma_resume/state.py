@@ -18,7 +18,7 @@ import msgspec
 
 from . import config as cfg
 from . import failpoints, schema, wal
-from .errors import ChromaResumeError, LockHeld, RuntimeFailure, UsageError
+from .errors import ChromaResumeError, LockHeld, NewerState, RuntimeFailure, UsageError
 
 WAL_NAME = "index_state.stage.jsonl"
 MANIFEST_NAME = "index_state.json"
@@ -140,10 +140,14 @@ def load_manifest(path: str) -> Manifest | None:
     except NotADirectoryError:
         raise UsageError(f"{path}: a folder on its path is a file (check --state-root)") from None
     try:
-        return msgspec.json.decode(data, type=Manifest)
+        manifest = msgspec.json.decode(data, type=Manifest)
     except msgspec.DecodeError as exc:
         raise UsageError(f"corrupt manifest {path}: {exc}. It is never rebuilt silently: "
                          f"restore it, or delete it and rebuild with --on-missing-state reset") from None
+    if manifest.version > MANIFEST_VERSION:  # its fields may mean what this version cannot know
+        raise NewerState(f"manifest {path} is version {manifest.version}, written by a newer chroma-resume; this one "
+                         f"reads version {MANIFEST_VERSION}: upgrade chroma-resume")
+    return manifest
 
 
 def write_manifest(path: str, manifest: Manifest) -> None:

@@ -30,7 +30,7 @@ from . import corpus, embedding, state, store, wal
 from .chunking import chunk_text
 from .commands import command_line
 from .config import Config
-from .errors import ChromaResumeError, StoreCorrupt, UsageError
+from .errors import ChromaResumeError, NewerState, StoreCorrupt, UsageError
 from .plan import resume_decision
 from .reporting import Progress, Warnings
 from .schema import schema_hash
@@ -176,6 +176,8 @@ def _audit(c: Config, db: store.Store, manifest: state.Manifest, checks: list[Ch
 def _manifest_check(c: Config, p: dict, schema: str, fixes: Fixes) -> tuple[state.Manifest | None, Check]:
     try:
         manifest = state.load_manifest(p["manifest"])
+    except NewerState:
+        raise
     except ChromaResumeError as exc:
         # Kept beside (restore it from a backup instead if you have one); the build then treats the
         # manifest as missing and --on-missing-state reset rebuilds the collection from the cache.
