@@ -57,12 +57,14 @@ def test_tampered_content_fails_naming_check_and_id_and_the_printed_fix_repairs_
     assert_fails_then_fix_repairs(built, must_fail, tamper(built, code, named), *flags)
 
 
-def test_a_shrunk_vector_in_ip_space_fails_vectors_and_is_still_findable(workdir):
-    """In ip space a shrunk vector is still its own best match (its dot product with itself is the largest):
-    the vectors check fails it, findable does not (the damage findable catches: test_verify_gate)."""
+@pytest.mark.parametrize("scale", [0.1, 1.009])
+def test_a_scaled_vector_in_ip_space_fails_vectors_and_is_still_findable(workdir, scale):
+    """In ip space a scaled vector keeps its cosine, and a shrunk one is still its own best match (its
+    dot product with itself is the largest), but its scores change: the vectors check fails it, even
+    at 0.9 % too long, and findable does not (the damage findable catches: test_verify_gate)."""
     (workdir / "pyproject.toml").write_text('[tool.chroma-resume]\nhnsw-space = "ip"\n')
     assert build(workdir).returncode == 0
-    victim = tamper(workdir, f"col.update(ids=[VICTIM], embeddings=[[x * 0.1 for x in {VECTOR}]])", "VICTIM")
+    victim = tamper(workdir, f"col.update(ids=[VICTIM], embeddings=[[x * {scale} for x in {VECTOR}]])", "VICTIM")
     assert_fails_then_fix_repairs(workdir, {"vectors"}, victim, "--deep", "all")
 
 

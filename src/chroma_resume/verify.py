@@ -36,7 +36,9 @@ from .reporting import Progress, Warnings
 from .schema import schema_hash
 
 SHOW = 5  # ids named in a failing check's detail
-UNIT_SLACK = 1e-2  # the embedders store unit vectors; fp16 rounding stays far inside this
+# The embedders store float32 unit vectors (normalised in float32 even for fp16 and bf16 models: norms
+# within ~1e-6 of 1). In ip space a length is a score, so a vector scaled by 1.009 must fail here.
+UNIT_SLACK = 1e-3
 SAME_POINT = 1e-4  # a query distance this small is the query's own point (or an exact duplicate of it)
 NEIGHBOURS = 10  # hits asked for per findability query
 TIE = 1e-4  # a returned row within this (relative) margin of the exact k-th distance is a hit: ties, duplicates
