@@ -186,3 +186,18 @@ def test_a_verify_that_forgets_a_schema_option_names_it(workdir):
     assert "no manifest at" in detail and "with --chunk-chars 500 (given: 1200)" in detail
     assert "--upsert-batch" not in detail  # options that do not change the schema are not named
     assert run_cli(["verify", *HASH_BUILD, "--chunk-chars", "500"], cwd=workdir).returncode == 0
+
+
+def test_an_emptied_corpus_is_named_and_its_fix_says_it_deletes_everything(workdir):
+    assert run_cli(["build", *HASH_BUILD], cwd=workdir).returncode == 0
+    shutil.rmtree(workdir / "corpus")
+    (workdir / "corpus").mkdir()
+    result = run_cli(["verify", *HASH_BUILD, "--fresh"], cwd=workdir)
+    assert failed(result.stdout) == {"fresh"}
+    assert "fix deletes all 12 indexed document(s)" in checks(result.stdout)["fresh"][1]
+    fix = printed_fix(result)
+    assert "--allow-empty=true" in fix
+    assert run_shell(fix, cwd=workdir).returncode == 0
+    after = run_cli(["verify", *HASH_BUILD, "--fresh"], cwd=workdir)
+    assert after.returncode == 0, after.stdout
+    assert summary(run_cli(["build", *HASH_BUILD], cwd=workdir).stdout)["docs_current"] == "0"

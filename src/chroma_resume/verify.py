@@ -59,6 +59,9 @@ class Fixes:
         self.index = index
         build = functools.partial(command_line, c, "build", index=index, **repairing)
         self.build = build()  # writes what is missing or stale: manifest, collection, fingerprint, a changed corpus
+        # A corpus that lists nothing: a build deletes every document only when told to. Not ranked: the
+        # user's decision comes first, and once made, it leaves nothing for a stronger fix to do.
+        self.build_emptying = build(allow_empty=True)
         self.resume = self.build  # a build resumes an unfinished run (clean-wal --force discards it instead)
         self.reconcile = build(strict_sync=True)  # compares id sets: deletes orphans, restores missing chunks
         self.rewrite = build(sync_mode="delete-stale")  # re-writes every chunk, vectors from the cache
@@ -369,9 +372,12 @@ def _fresh_checks(c: Config, manifest: state.Manifest, text_sha: dict[str, str],
                 stale += _rechunk_mismatches(c, doc, entry, text_sha)
     unreadable = sorted(uri for uri in set(recorded) - seen if listing.unread(uri))
     added, removed = sorted(seen - set(recorded)), sorted(set(recorded) - seen - set(unreadable))
-    checks = [_check("fresh", not (added or changed or removed),
-                     f"added={added[:SHOW]} changed={sorted(changed)[:SHOW]} removed={removed[:SHOW]}", fixes.build,
-                     fixes),
+    detail, fix = f"added={added[:SHOW]} changed={sorted(changed)[:SHOW]} removed={removed[:SHOW]}", fixes.build
+    if recorded and not (seen or listing.files or listing.dirs):  # what a build refuses without --allow-empty
+        detail += (f"; the corpus lists no document at all, so the fix deletes all {len(recorded)} indexed "
+                   f"document(s): run it only if that is what you want (a wrong folder or --include is not)")
+        fix = fixes.build_emptying
+    checks = [_check("fresh", not (added or changed or removed), detail, fix, fixes),
               _check("fresh_chunks", not stale, f"{len(stale)} stored chunk(s) differ from what the chunker makes of "
                                                 f"the current corpus {stale[:SHOW]}", fixes.rewrite, fixes)]
     if unreadable:
