@@ -56,6 +56,16 @@ def test_int8_is_made_from_the_checked_float32_export(quantized):
     assert cosines.min() >= onnx_backend.INT8_MIN_COSINE and cosines.min() < onnx_backend.PROBE_MIN_COSINE
 
 
+def test_an_int8_vector_depends_on_its_text_alone(quantized):
+    """Dynamic quantization scales a whole activation tensor: in a batch, a text's vector would move
+    with its neighbours, and verify --deep, a resume or the cache would disagree with the build."""
+    _, embedder, _ = quantized
+    together = embedder.encode(MIXED)
+    for i in (0, len(MIXED) // 2, len(MIXED) - 1):
+        assert np.array_equal(embedder.encode([MIXED[i]])[0], together[i])
+        assert np.array_equal(embedder.encode([MIXED[i], *MIXED[:i]])[0], together[i])
+
+
 def _with_float32_export(source, tmp_path: Path):
     """A fresh root holding a copy of the module's float32 export (so a test pays only for int8)."""
     c = make_config(root=str(tmp_path), embed_batch=4, backend="onnx-int8")
