@@ -98,6 +98,40 @@ def test_what_invalidates_a_stored_export(exported, tmp_path):
     assert onnx_backend.export_dir(msgspec.structs.replace(c, pooling="cls")) != folder
 
 
+def _damage_in_place(path: Path) -> None:
+    """A megabyte of the weights zeroed: the file keeps its size and still parses."""
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek(size * 2 // 3)
+        fh.write(b"\0" * (1 << 20))
+    assert path.stat().st_size == size
+
+
+def test_a_damaged_export_is_noticed_and_made_again(exported, tmp_path):
+    source, _, _ = exported
+    c = make_config(root=str(tmp_path), embed_batch=4, backend="onnx")
+    folder = Path(onnx_backend.export_dir(c))
+    shutil.copytree(onnx_backend.export_dir(source), folder)
+    _damage_in_place(folder / "model.onnx")
+    warn = Warnings()
+    auto = embedding.load(msgspec.structs.replace(c, backend="auto"), warn)  # auto never exports: torch
+    assert isinstance(auto, embedding.FlagEmbedder) and warn.keys == {"onnx_export_damaged": 1}
+    again = embedding.load(c, warn)  # --backend onnx exports again
+    assert isinstance(again, onnx_backend.OnnxEmbedder) and warn.keys == {"onnx_export_damaged": 2}
+    meta = onnx_backend.read_meta(str(folder), models.model_fingerprint(c))
+    assert meta.passed and meta.sha256["model.onnx"] == onnx_backend._sha256(str(folder / "model.onnx"))
+
+
+def test_the_export_lock_sweeps_what_a_killed_export_left(tmp_path):
+    folder = tmp_path / "onnx" / "model.v2"
+    folder.mkdir(parents=True)
+    for name in ("model.onnx.tmp.4242", "meta.json.tmp.77"):
+        (folder / name).write_bytes(b"half an export")
+    (folder / "model.onnx").write_bytes(b"kept")
+    with onnx_backend.export_lock(str(folder)):
+        assert sorted(p.name for p in folder.iterdir()) == ["model.onnx"]
+
+
 def test_a_planted_mismatch_fails_the_check_and_the_build_keeps_torch(tmp_path, monkeypatch):
     monkeypatch.setattr(failpoints, "_active", True)
     monkeypatch.setattr(failpoints, "_points", {("bug.onnx_probe_mismatch", None): (None, "on", 0)})

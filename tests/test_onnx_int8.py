@@ -94,6 +94,19 @@ def test_a_graph_that_does_not_quantize_is_an_error_not_a_float32_fallback(quant
     assert not Path(onnx_backend.export_dir(c), "model.onnx").exists()
 
 
+def test_a_damaged_int8_export_is_quantized_again(quantized, tmp_path):
+    c = _with_float32_export(quantized[0], tmp_path)
+    shutil.copytree(onnx_backend.export_dir(quantized[0]), onnx_backend.export_dir(c))
+    model = Path(onnx_backend.export_dir(c), "model.onnx")
+    with open(model, "r+b") as fh:  # same size, still parses: only the digest can tell
+        fh.seek(model.stat().st_size // 2)
+        fh.write(b"\0" * 4096)
+    warn = Warnings()
+    embedder = embedding.load(c, warn)
+    assert warn.keys == {"onnx_export_damaged": 1}
+    assert np.array_equal(embedder.encode(MIXED[:3]), quantized[1].encode(MIXED[:3]))  # the same int8 network
+
+
 def test_preflight_refuses_int8_without_the_quantizer(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
@@ -105,6 +118,22 @@ def test_preflight_refuses_int8_without_the_quantizer(tmp_path, monkeypatch):
 def test_int8_options():
     with pytest.raises(UsageError, match="--backend onnx-int8 runs on the CPU"):
         make_config(backend="onnx-int8", device="cuda")
+
+
+def test_an_int8_export_that_cannot_be_made_refuses_before_the_reset(tmp_path):
+    """No fallback means no lazy load: the export is made, or the run refused, before the collection
+    of the old schema is touched."""
+    shutil.copytree(REPO / "examples" / "corpus" / "guides", tmp_path / "corpus")
+    base = ["--docs", "corpus", "--progress", "off"]
+    assert run_cli(["build", *base, "--embed-model", "hash:16"], cwd=tmp_path).returncode == 0
+    rows = collection_rows(tmp_path / ".chroma", "docs")
+    latest = next(tmp_path.glob(".chroma-state/docs/LATEST")).read_bytes()
+    refused = run_cli(["build", *base, "--backend", "onnx-int8"], cwd=tmp_path,
+                      env={"CHROMA_RESUME_FAILPOINTS": "onnx.quantize:begin=raise"})
+    assert refused.returncode == 2 and "--backend onnx-int8: cannot make the export" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert collection_rows(tmp_path / ".chroma", "docs") == rows
+    assert next(tmp_path.glob(".chroma-state/docs/LATEST")).read_bytes() == latest
 
 
 def test_an_int8_build_over_a_float32_index(tmp_path):

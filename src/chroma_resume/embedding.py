@@ -112,6 +112,15 @@ def load(c: Config, warn=None):
     return load_torch(c)
 
 
+def prepare(c: Config, warn) -> None:
+    """What must exist before a build's first act. The model loads lazily (a no-op build never pays
+    for it), but --backend onnx-int8 has no fallback: its export is made, or refused with exit 2,
+    now, rather than at the first cache miss after a schema reset had emptied the collection."""
+    if c.backend == "onnx-int8" and not models.is_stand_in(c):
+        from . import onnx_backend
+        onnx_backend.quantized_export(c, warn)
+
+
 def load_torch(c: Config) -> FlagEmbedder:
     """FlagEmbedding's model run by torch: every GPU build, and the reference the ONNX export is checked
     against. The preflight gives the location and the max length to use."""

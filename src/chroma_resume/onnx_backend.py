@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import re
 import time
@@ -36,7 +37,8 @@ from . import config as cfg
 from .config import Config
 from .errors import ModelLoadError, RuntimeFailure
 
-EXPORT_FORMAT = 1  # bump when the exported graph or the files beside it change meaning
+EXPORT_FORMAT = 2  # bump when the exported graph or the files beside it change meaning (2: sha256 in meta.json)
+EXPORT_FILES = ("model.onnx", "tokenizer.json")  # what meta.json's digests cover
 PROBE_MIN_COSINE = 0.99999
 # int8 moves a MiniLM vector by ~1 % (measured: least cosine 0.983, mean 0.991 over the benchmark
 # corpus, 0.979 on the probes); per-tensor weights fell to 0.82. Below this, it is not the network
@@ -81,6 +83,7 @@ class ExportMeta(msgspec.Struct, kw_only=True):
     worst_cosine: float | None  # None: no check ran (the export failed)
     cause: str = ""  # why it is not used (a failed check or export)
     quantization: str = ""  # models.REDUCED_PRECISION's words for a quantized export; "" for float32
+    sha256: dict[str, str] = {}  # EXPORT_FILES -> digest when the check passed, compared on every load
     versions: dict[str, str] = {}
     export_sec: float = 0.0
     check_sec: float = 0.0
@@ -133,9 +136,10 @@ def runtime_version() -> str:
     return ".".join(onnxruntime.__version__.split(".")[:2])
 
 
-def read_meta(folder: str, fingerprint: str) -> ExportMeta | None:
+def read_meta(folder: str, fingerprint: str, warn=None) -> ExportMeta | None:
     """The recorded export and check, or None when it must be (re)made: missing or unreadable,
-    another format, fingerprint or onnxruntime version, or a model file of the wrong size."""
+    another format, fingerprint or onnxruntime version, or files that are not the ones checked
+    (WARNed through `warn`: a damaged export is news, a missing one is not)."""
     try:
         with open(os.path.join(folder, "meta.json"), "rb") as fh:
             meta = msgspec.json.decode(fh.read(), type=ExportMeta)
@@ -143,9 +147,35 @@ def read_meta(folder: str, fingerprint: str) -> ExportMeta | None:
         return None
     if (meta.format, meta.fingerprint, meta.runtime) != (EXPORT_FORMAT, fingerprint, runtime_version()):
         return None
-    if meta.passed and _size(os.path.join(folder, "model.onnx")) != meta.onnx_bytes:
+    damage = _damage(folder, meta) if meta.passed else ""
+    if damage:
+        if warn is not None:
+            warn("onnx_export_damaged", folder=folder, cause=damage, fix="--backend onnx or onnx-int8 makes it again")
         return None
     return meta
+
+
+def _damage(folder: str, meta: ExportMeta) -> str:
+    """Why the files are not the ones the check passed, or "". Hashed on every load (86 MB: ~0.1 s,
+    a fraction of what ONNX Runtime reads next): a bit flipped in the weights keeps the file's
+    size and still parses, and would be trusted for every later build and by verify --deep."""
+    for name in EXPORT_FILES:
+        got = _sha256(os.path.join(folder, name))
+        if got != meta.sha256.get(name):
+            return f"{name}: sha256 {got or 'unreadable'} is not the recorded {meta.sha256.get(name) or 'none'}"
+    return ""
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
 
 
 def load(c: Config, warn):
@@ -156,7 +186,7 @@ def load(c: Config, warn):
     folder, fingerprint = export_dir(c), models.model_fingerprint(c)
     batch = c.embed_batch or embedding.CPU_BATCH
     try:
-        meta = read_meta(folder, fingerprint)
+        meta = read_meta(folder, fingerprint, warn)
         if meta is None and c.backend == "auto":
             return embedding.load_torch(c)  # auto never pays for an export: --backend onnx makes one
         if meta is None:
@@ -175,7 +205,8 @@ def load(c: Config, warn):
 
 @contextlib.contextmanager
 def export_lock(folder: str) -> Iterator[None]:
-    """flock on <folder>.lock; waits for another build's export (the OS frees it if that build dies)."""
+    """flock on <folder>.lock; waits for another build's export (the OS frees it if that build dies).
+    Holding it, no one else writes the folder: a killed export's temp files are swept here."""
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     fd = os.open(f"{folder}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -184,6 +215,8 @@ def export_lock(folder: str) -> Iterator[None]:
         except BlockingIOError:
             failpoints.fire("onnx.export", "wait")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        for leftover in glob.glob(os.path.join(glob.escape(folder), "*.tmp.*")):
+            os.unlink(leftover)
         yield
     finally:
         os.close(fd)
@@ -202,8 +235,12 @@ def open_embedder(folder: str, meta: ExportMeta, batch: int, name: str) -> OnnxE
     # processes share these cores; measured: ~10 % less CPU for the same encode, same wall time.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: its optimizer's notes are not the user's business
-    session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options, providers=["CPUExecutionProvider"])
-    tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    try:
+        session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 - their errors are many; each means this export cannot run here
+        raise RuntimeFailure(f"cannot open the export in {folder}: {type(exc).__name__}: {exc}") from None
     tokenizer.no_padding()
     tokenizer.enable_truncation(meta.max_length)
     return OnnxEmbedder(session, tokenizer, meta, batch, name)
@@ -239,7 +276,7 @@ def _export_and_check(c: Config, folder: str, fingerprint: str, batch: int, warn
     passed = worst >= PROBE_MIN_COSINE
     cause = "" if passed else f"probe check: worst cosine {worst:.7f} < {PROBE_MIN_COSINE}"
     meta = msgspec.structs.replace(meta, passed=passed, worst_cosine=worst, cause=cause, export_sec=export_sec,
-                                   check_sec=time.perf_counter() - t1)
+                                   check_sec=time.perf_counter() - t1, sha256=_digests(folder))
     state.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))  # the commit point
     failpoints.fire("onnx.export", "done")
     candidate.embedded = reference.embedded = 0
@@ -255,30 +292,39 @@ def _export_and_check(c: Config, folder: str, fingerprint: str, batch: int, warn
 def _load_quantized(c: Config, warn) -> OnnxEmbedder:
     """The checked int8 export, made from the checked float32 one if needed. No fallback: a float32
     vector under an int8 fingerprint would be a lie, so a failure is ModelLoadError (exit 2)."""
-    folder, fingerprint = export_dir(c), models.model_fingerprint(c)
-    # One text per forward pass, whatever --embed-batch says: dynamic quantization scales each
-    # activation tensor by its own range, so in a batch a text's vector would depend on the texts
-    # beside it (measured: cosine 0.98 between batch 32 and alone), and verify --deep, a resume or
-    # the cache could never agree with it. Alone it is a function of its text; and no slower here
-    # (200 chunks: 4.3-4.5 s alone, 5.0 s in batches of 32, which pad).
-    batch = 1
+    folder, meta = quantized_export(c, warn)
     try:
-        meta = read_meta(folder, fingerprint)
+        # One text per forward pass, whatever --embed-batch says: dynamic quantization scales each
+        # activation tensor by its own range, so in a batch a text's vector would depend on the texts
+        # beside it (measured: cosine 0.98 between batch 32 and alone), and verify --deep, a resume or
+        # the cache could never agree with it. Alone it is a function of its text; and no slower here
+        # (200 chunks: 4.3-4.5 s alone, 5.0 s in batches of 32, which pad).
+        return open_embedder(folder, meta, 1, c.embed_model)
+    except RuntimeFailure as exc:
+        raise ModelLoadError(f"--backend {c.backend}: {exc}") from None
+
+
+def quantized_export(c: Config, warn) -> tuple[str, ExportMeta]:
+    """(folder, meta) of the checked int8 export, made now if missing or damaged; ModelLoadError
+    (exit 2) if it cannot be made or failed its check. A build calls it before its first act."""
+    folder, fingerprint = export_dir(c), models.model_fingerprint(c)
+    try:
+        meta = read_meta(folder, fingerprint, warn)
         if meta is None:
             with export_lock(folder):
                 meta = read_meta(folder, fingerprint)
                 if meta is None:
-                    meta = _quantize_and_check(c, folder, fingerprint, batch, warn)
+                    meta = _quantize_and_check(c, folder, fingerprint, warn)
     except _TRANSIENT as exc:
         raise ModelLoadError(f"--backend {c.backend}: cannot make the export in {folder}: "
                              f"{type(exc).__name__}: {exc}") from None
     if not meta.passed:
         raise ModelLoadError(f"--backend {c.backend}: {meta.cause} ({os.path.join(folder, 'meta.json')}); use "
                              f"--backend onnx or torch, or delete that folder to try again")
-    return open_embedder(folder, meta, batch, c.embed_model)
+    return folder, meta
 
 
-def _quantize_and_check(c: Config, folder: str, fingerprint: str, batch: int, warn) -> ExportMeta:
+def _quantize_and_check(c: Config, folder: str, fingerprint: str, warn) -> ExportMeta:
     """Quantize the checked float32 export, then embed the probes with both: the float32 export
     stands in for torch here, since its own check put it within PROBE_MIN_COSINE of it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -292,7 +338,7 @@ def _quantize_and_check(c: Config, folder: str, fingerprint: str, batch: int, wa
     os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, "model.onnx")
     tmp = f"{target}.tmp.{os.getpid()}"
-    meta = msgspec.structs.replace(base.meta, fingerprint=fingerprint, passed=False, worst_cosine=None,
+    meta = msgspec.structs.replace(base.meta, fingerprint=fingerprint, passed=False, worst_cosine=None, sha256={},
                                    quantization=models.REDUCED_PRECISION[c.backend], check_sec=0.0)
     t0 = time.perf_counter()
     try:
@@ -315,11 +361,12 @@ def _quantize_and_check(c: Config, folder: str, fingerprint: str, batch: int, wa
     with open(os.path.join(base_folder, "tokenizer.json"), "rb") as fh:
         state.atomic_write(os.path.join(folder, "tokenizer.json"), fh.read())
     meta = msgspec.structs.replace(meta, onnx_bytes=_size(target), export_sec=time.perf_counter() - t0)
-    candidate = open_embedder(folder, meta, batch, c.embed_model)
+    candidate = open_embedder(folder, meta, 1, c.embed_model)  # one text per pass, as _load_quantized runs it
     t1 = time.perf_counter()
     worst = float(probe_cosines(candidate, base).min())
     passed = worst >= INT8_MIN_COSINE
     meta = msgspec.structs.replace(meta, passed=passed, worst_cosine=worst, check_sec=time.perf_counter() - t1,
+                                   sha256=_digests(folder),
                                    cause="" if passed else f"probe check: worst cosine {worst:.4f} to the float32 "
                                                            f"export < {INT8_MIN_COSINE}")
     state.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))  # the commit point
@@ -411,6 +458,10 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             found[name] = version(name)
     return found
+
+
+def _digests(folder: str) -> dict[str, str]:
+    return {name: _sha256(os.path.join(folder, name)) for name in EXPORT_FILES}
 
 
 def _size(path: str) -> int:
