@@ -110,7 +110,8 @@ def describe(c: cfg.Config) -> str:
     """The effective configuration, shown at the top of every command."""
     source = c.docs or c.units
     return (f"[CONFIG] corpus={source} db={cfg.db_identity(c)} collection={c.collection} "
-            f"state_root={cfg.path(c, c.state_root)} embed_model={c.embed_model} chunk_chars={c.chunk_chars} "
+            f"state_root={cfg.path(c, c.state_root)} embed_model={c.embed_model} backend={c.backend} "
+            f"chunk_chars={c.chunk_chars} "
             f"overlap_chars={c.overlap_chars} min_chunk_chars={c.min_chunk_chars} "
             f"max_length={models.effective_max_length(c) or 'model default'} schema_hash={schema.schema_hash(c)}")
 

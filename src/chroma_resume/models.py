@@ -278,6 +278,8 @@ def model_fingerprint(c: Config) -> str:
               "normalize": True, "half_precision": half_precision(c.device, c.fp16)}
     if c.backend in REDUCED_PRECISION:  # only then, so every float32 index keeps the fingerprint it had
         fields["reduced_precision"] = REDUCED_PRECISION[c.backend]
+    if c.backend == "onnx-int8":  # another quantizer may make another int8 network of the same model
+        fields["quantizer"] = f"onnxruntime {package_version('onnxruntime', 2)}"
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     family = _read_json(model_file(where, "config.json")).get("model_type") or "model"
     return f"{family}@{digest}"
@@ -346,6 +348,15 @@ def _download(c: Config) -> None:
         snapshot_download(c.embed_model)
     except Exception as exc:  # the hub library's errors are many; each is a model we cannot have
         raise ModelLoadError(f"cannot download model {c.embed_model!r}: {exc}") from None
+
+
+def package_version(name: str, parts: int) -> str:
+    """major.minor (parts=2) of an installed package, read from its metadata without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return ".".join(version(name).split(".")[:parts])
+    except PackageNotFoundError:
+        return "none"
 
 
 def _check_quantizer(c: Config) -> None:

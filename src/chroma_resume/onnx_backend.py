@@ -12,7 +12,7 @@ the model's fingerprint (a schema change, its own cache entries) and has no torc
 check only proves the quantized graph is the same network (cosine >= INT8_MIN_COSINE to the
 float32 export), and records how far it moved.
 
-The export lives beside the embedding cache, in `onnx/<model fingerprint>.v<EXPORT_FORMAT>/`:
+The export lives beside the embedding cache, in `onnx/<model fingerprint>.v<EXPORT_FORMAT>.ort<version>/`:
 `model.onnx` (network + pooling + normalisation, so the graph returns the final vectors),
 `tokenizer.json` (the exact fast tokenizer transformers built, so later runs tokenize alike
 without importing transformers) and `meta.json`, written last, which records the check. A later
@@ -128,12 +128,12 @@ def export_dir(c: Config) -> str:
     from .cache import cache_path
     base = cfg.path(c, c.state_root) if c.embed_cache == "off" else os.path.dirname(cache_path(c))
     name = re.sub(r"[^\w.@-]", "_", models.model_fingerprint(c))
-    return os.path.join(base, "onnx", f"{name}.v{EXPORT_FORMAT}")
+    # Per onnxruntime version too: two installs sharing a state root would otherwise export over each other.
+    return os.path.join(base, "onnx", f"{name}.v{EXPORT_FORMAT}.ort{runtime_version()}")
 
 
 def runtime_version() -> str:
-    import onnxruntime
-    return ".".join(onnxruntime.__version__.split(".")[:2])
+    return models.package_version("onnxruntime", 2)
 
 
 def read_meta(folder: str, fingerprint: str, warn=None) -> ExportMeta | None:
