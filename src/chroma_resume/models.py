@@ -227,11 +227,17 @@ def _file_digest(real: str, memo: dict) -> str:
     known = memo.get(real)
     if isinstance(known, list) and known[:4] == stamp:
         return known[4]
+    digest = file_sha256(real)
+    memo[real] = [*stamp, digest]
+    return digest
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read a MiB at a time; OSError if it cannot be read."""
     h = hashlib.sha256()
-    with open(real, "rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    memo[real] = [*stamp, h.hexdigest()]
     return h.hexdigest()
 
 

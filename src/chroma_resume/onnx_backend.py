@@ -167,15 +167,11 @@ def _damage(folder: str, meta: ExportMeta) -> str:
 
 
 def _sha256(path: str) -> str:
-    import hashlib
-    digest = hashlib.sha256()
+    """"" for a file that cannot be read: damage like any other."""
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return models.file_sha256(path)
     except OSError:
         return ""
-    return digest.hexdigest()
 
 
 def load(c: Config, warn):
