@@ -11,6 +11,7 @@ import pytest
 from chroma_resume import embedding, models, schema
 from chroma_resume.config import make_config
 from chroma_resume.errors import UsageError
+from chroma_resume.reporting import Warnings
 from conftest import REPO, collection_rows, run_cli, summary
 from test_embedding import MIXED
 
@@ -24,6 +25,20 @@ def test_bf16_is_a_model_identity_of_its_own(tmp_path):
     assert schema.schema_hash(c) != schema.schema_hash(torch32)
     with pytest.raises(UsageError, match="--backend torch-bf16 runs on the CPU"):
         make_config(backend="torch-bf16", device="cuda")
+
+
+def test_a_cpu_without_bf16_units_is_warned_before_the_build(tmp_path, monkeypatch):
+    c = make_config(root=str(tmp_path), backend="torch-bf16")
+    for flags, warned in (("fpu sse avx512f avx512_vnni", {"bf16_not_native": 1}),
+                          ("fpu avx512f amx_bf16 amx_tile", {}), ("fpu avx512_bf16", {})):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(embedding, "CPU_INFO", str(tmp_path / "cpuinfo"))
+        warn = Warnings()
+        embedding.prepare(c, warn)
+        assert warn.keys == warned, flags
+    warn = Warnings()
+    embedding.prepare(msgspec.structs.replace(c, backend="torch"), warn)  # float32: no claim to make
+    assert warn.keys == {}
 
 
 def test_bf16_vectors_are_close_to_float32_but_not_equal(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 import struct
 from collections.abc import Iterator, Sequence
 
@@ -115,10 +116,30 @@ def load(c: Config, warn=None):
 def prepare(c: Config, warn) -> None:
     """What must exist before a build's first act. The model loads lazily (a no-op build never pays
     for it), but --backend onnx-int8 has no fallback: its export is made, or refused with exit 2,
-    now, rather than at the first cache miss after a schema reset had emptied the collection."""
-    if c.backend == "onnx-int8" and not models.is_stand_in(c):
+    now, rather than at the first cache miss after a schema reset had emptied the collection. And a
+    bfloat16 build on a CPU without bfloat16 units is said before it starts."""
+    if models.is_stand_in(c):
+        return
+    if c.backend == "onnx-int8":
         from . import onnx_backend
         onnx_backend.quantized_export(c, warn)
+    if c.backend == "torch-bf16" and not native_bf16():
+        warn("bf16_not_native", cpu=CPU_INFO, cause="neither amx_bf16 nor avx512_bf16 among the CPU's flags: "
+             "bfloat16 is emulated here, slower than float32", fix="--backend auto")
+
+
+CPU_INFO = "/proc/cpuinfo"
+
+
+def native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 itself (AMX or AVX-512 BF16), read from Linux's CPU flags;
+    True where they cannot be read (another OS): no claim without evidence."""
+    try:
+        with open(CPU_INFO, encoding="utf-8", errors="replace") as fh:
+            flags = fh.read()
+    except OSError:
+        return True
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
 
 
 def load_torch(c: Config) -> FlagEmbedder:
