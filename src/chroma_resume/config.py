@@ -119,12 +119,12 @@ def _check(c: Config) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if c.max_batches_in_flight is not None and c.max_batches_in_flight < 1:
         raise UsageError("--max-batches-in-flight must be at least 1")
-    for name in ("ray_cpus_per_worker", "ray_gpus_per_worker"):
-        if not (getattr(c, name) >= 0 and math.isfinite(getattr(c, name))):  # nan passes `< 0`
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(c, name):g}: a number of devices, 0 or more")
-    for name in ("db", "state_root", "chroma_host"):
-        if getattr(c, name) is not None and not getattr(c, name).strip():
-            raise UsageError(f"--{name.replace('_', '-')} is empty: name it, or leave the option out for its default")
+    for name, value in (("ray-cpus-per-worker", c.ray_cpus_per_worker), ("ray-gpus-per-worker", c.ray_gpus_per_worker)):
+        if not (value >= 0 and math.isfinite(value)):  # nan passes `< 0`
+            raise UsageError(f"--{name} {value:g}: a number of devices, 0 or more")
+    for name, value in (("db", c.db), ("state-root", c.state_root), ("chroma-host", c.chroma_host)):
+        if value is not None and not value.strip():
+            raise UsageError(f"--{name} is empty: name it, or leave the option out for its default")
     if not CUDA_DEVICE.match(c.device) and c.device != "cpu":
         raise UsageError(f"--device {c.device!r}: expected cpu, cuda or cuda:N")
     if not 0 <= c.overlap_chars < c.chunk_chars:

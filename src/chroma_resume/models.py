@@ -217,8 +217,9 @@ def _memo(c: Config) -> tuple[str, dict]:
     return path, _MEMOS[path]
 
 
-def _file_digest(real: str, memo: dict) -> str:
-    """sha256 of a file's bytes; a hub blob is named by its hash already; else remembered by stat."""
+def file_digest(real: str, memo: dict) -> str:
+    """sha256 of a file's bytes; a hub blob is named by its hash already; else remembered by stat
+    in `memo` (path -> [size, mtime_ns, ctime_ns, ino, digest]). OSError if it cannot be read."""
     name = os.path.basename(real)
     if os.path.basename(os.path.dirname(real)) == "blobs" and _HASH_BLOB.match(name):
         return name
@@ -227,17 +228,11 @@ def _file_digest(real: str, memo: dict) -> str:
     known = memo.get(real)
     if isinstance(known, list) and known[:4] == stamp:
         return known[4]
-    digest = file_sha256(real)
-    memo[real] = [*stamp, digest]
-    return digest
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes, read a MiB at a time; OSError if it cannot be read."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open(real, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
+    memo[real] = [*stamp, h.hexdigest()]
     return h.hexdigest()
 
 
@@ -258,7 +253,7 @@ def content_identity(c: Config, where: str) -> list[tuple[str, str]]:
     files = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if _affects_vectors(entry.name) and entry.is_file():
-            files.append((entry.name, _file_digest(os.path.realpath(entry.path), memo)))
+            files.append((entry.name, file_digest(os.path.realpath(entry.path), memo)))
     return files
 
 
