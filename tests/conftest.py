@@ -93,8 +93,9 @@ def lock_holder(root: Path, lock: Path, build_args: list[str]):
 
 
 def _lock_pid(lock: Path) -> int | None:
+    """The pid in the lock's holder sidecar (written once the lock is held)."""
     try:
-        return json.loads(lock.read_text() or "{}").get("pid")
+        return json.loads(Path(f"{lock}.holder").read_text() or "{}").get("pid")
     except (OSError, ValueError):
         return None
 

@@ -69,7 +69,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 def assert_nothing_written(root: Path, collection: str = "test") -> None:
     """No WAL, no manifest, no LATEST anywhere under the state root, and no collection in the db."""
     state_files = files_under(root / ".chroma-state")
-    assert not [f for f in state_files if not f.endswith("writer.lock")], state_files
+    assert not [f for f in state_files if not f.endswith(("writer.lock", "writer.lock.holder"))], state_files
     db = root / ".chroma"
     if db.exists():
         import chromadb

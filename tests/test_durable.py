@@ -116,21 +116,22 @@ def test_cache_is_synced_before_the_upsert_of_the_same_batch(tmp_path):
 
 # ---- the writer lock ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("call,error", [("ftruncate", FileNotFoundError(errno.ENOENT, "No such file or directory")),
-                                        ("pwrite", OSError(errno.ENOSPC, "No space left on device"))])
+@pytest.mark.parametrize("call,error", [("open_for_write", FileNotFoundError(errno.ENOENT, "No such file or directory")),
+                                        ("write_all", OSError(errno.ENOSPC, "No space left on device"))])
 def test_lock_file_error_mid_acquire_exits_5_with_the_cause(tmp_path, monkeypatch, capsys, call, error):
-    from chroma_resume import cli, state
+    """Writing the holder's sidecar fails once the lock is held: exit 5 naming the lock, lock released."""
+    from chroma_resume import cli, osfs, state
 
     write_corpus(tmp_path / "corpus", 2)
     monkeypatch.chdir(tmp_path)
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise error
 
-    real = getattr(os, call)
-    monkeypatch.setattr(os, call, fail)
+    real = getattr(osfs, call)
+    monkeypatch.setattr(osfs, call, fail)
     code = cli.main(["build", *HASH_BUILD])
-    monkeypatch.setattr(os, call, real)
+    monkeypatch.setattr(osfs, call, real)
     err = capsys.readouterr().err
     assert code == 5 and "Traceback" not in err
     assert "writer.lock" in err and error.strerror in err, err

@@ -34,7 +34,7 @@ def state_after(root: Path) -> tuple:
     metadata and every row. (Chroma rewrites its own files whenever a client opens them, even to
     read, so the collection's bytes cannot be the measure; see docs/design-notes.md.)"""
     files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted((root / ".chroma-state").rglob("*")) if p.is_file() and p.name != "writer.lock"}
+             for p in sorted((root / ".chroma-state").rglob("*")) if p.is_file() and not p.name.startswith("writer.lock")}
     meta = subprocess.run([sys.executable, "-c", _READ_META, str(root / ".chroma"), "test"], capture_output=True,
                           text=True, timeout=120, check=True).stdout
     return files, json.loads(meta), collection_rows(root / ".chroma", "test")

@@ -21,7 +21,7 @@ from typing import TextIO
 import msgspec
 
 from . import config as cfg
-from . import corpus, embedding, executor, failpoints, models, schema, state, store, wal
+from . import corpus, embedding, executor, failpoints, models, osfs, schema, state, store, wal
 from .audit import audit
 from .config import Config
 from .errors import CheckFailed, ChromaResumeError, Interrupted, StoreCorrupt, UsageError, WalCorrupt
@@ -94,7 +94,7 @@ def _remove_temp_files(p: dict) -> None:
     """A kill between writing and renaming a manifest or LATEST leaves its temp file behind."""
     for pattern in (f"{p['manifest']}.tmp.*", os.path.join(p["collection_dir"], f"{state.LATEST_NAME}.tmp.*")):
         for leftover in glob.glob(pattern):
-            os.unlink(leftover)
+            osfs.unlink(leftover)
 
 
 class _Run:
@@ -349,11 +349,11 @@ class _Run:
     def _retire_wal(self, replay: wal.Replay, decision_reason: str) -> None:
         """A finished WAL is stale: remove it. An unfinished one we will not resume: set it aside."""
         if decision_reason == "wal_finished_ok":
-            os.unlink(replay.path)
+            osfs.unlink(replay.path)
             return
         run_id = replay.start.run_id if replay.start else "unknown"
         aside = f"{replay.path}.abandoned-{run_id}"
-        os.replace(replay.path, aside)
+        osfs.replace(replay.path, aside)
         self.warn("wal_abandoned", path=aside, run_id=run_id, reason=decision_reason)
 
     def _commit_group(self) -> None:
@@ -385,9 +385,9 @@ class _Run:
         self.log.close()
         path = self.p["wal"]
         if self.c.keep_wal:
-            os.replace(path, f"{path}.{self.run_id}.done")
+            osfs.replace(path, f"{path}.{self.run_id}.done")
         else:
-            os.unlink(path)
+            osfs.unlink(path)
 
     # ---- resume: trust but verify ----------------------------------------------------
     def _check_resumed(self, resumed: list[DocAction]) -> list[DocAction]:

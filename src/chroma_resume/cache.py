@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from . import config as cfg
+from . import osfs
 from .config import Config
 from .errors import RuntimeFailure, UsageError
 
@@ -183,7 +184,7 @@ class EmbedCache:
         try:
             for suffix in ("", "-wal", "-shm"):  # a stale -wal must not be replayed into the new file
                 if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, aside + suffix)
+                    osfs.replace(self.path + suffix, aside + suffix)
         except OSError as failure:
             self._report("set_aside", failure)
             return False

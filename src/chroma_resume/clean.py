@@ -5,7 +5,7 @@ import gzip
 import os
 import uuid
 
-from . import state, wal
+from . import osfs, state, wal
 from .config import Config
 from .errors import RuntimeFailure, UsageError, WalCorrupt
 
@@ -47,10 +47,10 @@ def _archive(path: str, target: str) -> None:
     try:
         if not os.path.isdir(folder):
             os.makedirs(folder)
-            wal.fsync_dir(os.path.dirname(folder))  # the new folder's own name
+            osfs.fsync_dir(os.path.dirname(folder))  # the new folder's own name
         with open(path, "rb") as src:
             data = gzip.compress(src.read(), mtime=0)
-        state.atomic_write(target, data)
+        osfs.atomic_write(target, data)
     except (OSError, RuntimeFailure) as exc:
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise UsageError(f"--archive {folder}: cannot write {os.path.basename(target)}: {cause}; "
@@ -59,7 +59,7 @@ def _archive(path: str, target: str) -> None:
 
 def _remove(path: str) -> None:
     try:
-        os.unlink(path)
-        wal.fsync_dir(os.path.dirname(path))
+        osfs.unlink(path)
+        osfs.fsync_dir(os.path.dirname(path))
     except OSError as exc:
         raise RuntimeFailure(f"cannot remove {path}: {exc.strerror or exc}") from None

@@ -2,7 +2,7 @@
 
 Grammar (entries separated by ';'):  name[:EVENT][@N]=kill|torn|raise|sleep(MS)|on
   - `@N` fires on the N-th hit of that point only; without it, on every hit.
-  - kill: SIGKILL this process (no clean-up runs); torn: the caller writes half its
+  - kill: end this process at once (SIGKILL; TerminateProcess on Windows); torn: the caller writes half its
     record, then kill; raise: OSError(EIO); sleep(MS): pause; on: a boolean switch
     (used by `bug.*` switches that plant known bugs to prove the harness catches them).
   - `trace=PATH` appends every hit as `name:EVENT` to PATH, to list a run's boundaries.
@@ -13,8 +13,9 @@ from __future__ import annotations
 import errno
 import os
 import re
-import signal
 import time
+
+from . import osfs
 
 ENV = "CHROMA_RESUME_FAILPOINTS"
 _ENTRY = re.compile(r"^(?P<name>[\w.]+)(?::(?P<event>\w+))?(?:@(?P<n>\d+))?=(?P<action>kill|torn|raise|on|sleep\((?P<ms>\d+)\))$")
@@ -45,9 +46,7 @@ def fire(name: str, event: str | None = None) -> str | None:
     if not _active:
         return None
     if _trace:
-        fd = os.open(_trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(fd, f"{name}:{event or ''}\n".encode())
-        os.close(fd)
+        osfs.append_bytes(_trace, f"{name}:{event or ''}\n".encode())
     for key in dict.fromkeys(((name, event), (name, None))):  # one key when event is None: count a hit once
         if key not in _points:
             continue
@@ -71,4 +70,4 @@ def enabled(switch: str) -> bool:
 
 
 def kill_self() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    osfs.kill_self()

@@ -16,14 +16,13 @@ when a check failed and 2 when an index could not be checked at all (usage, lock
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
-from .errors import UsageError
+from . import osfs
+from .errors import RuntimeFailure, UsageError
 
 MEANING = {0: "ok", 1: "a check failed", 2: "usage or input error", 3: "another writer holds the lock",
            4: "WAL corrupt, refusing to resume", 5: "Chroma unreachable or unreadable, disk or I/O error",
@@ -116,26 +115,22 @@ def _read_junit(path: str, run: str, planned: dict[str, str]) -> ET.Element:
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
-    """flock on the report's folder: sub-tasks in parallel processes merge one at a time."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """A lock beside the report (`.<name>.lock`): sub-tasks in parallel processes merge one at a time.
+    (A lock file, not the folder: Windows cannot open a folder.)"""
+    folder, name = os.path.split(os.path.abspath(path))
+    lock = contextlib.ExitStack()
     try:
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)
+        lock.enter_context(osfs.exclusive_lock(os.path.join(folder, f".{name}.lock")))
     except OSError as exc:
         raise UsageError(f"cannot write report {path}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with lock:
         yield
-    finally:
-        os.close(fd)
 
 
 def _replace(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
+    """Always bytes (UTF-8 encoded by the caller): a report never depends on the console's code page."""
     try:
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(temp, path)
-    except OSError as exc:
-        raise UsageError(f"cannot write report {path}: {exc.strerror or exc}") from None
+        osfs.atomic_write(os.path.abspath(path), data)
+    except RuntimeFailure as exc:
+        raise UsageError(f"report: {exc}") from None

@@ -25,6 +25,7 @@ import re
 import msgspec
 
 from . import config as cfg
+from . import osfs
 from .config import Config
 from .errors import ModelLoadError
 
@@ -259,12 +260,10 @@ def content_identity(c: Config, where: str) -> list[tuple[str, str]]:
 
 def remember_digests(c: Config) -> None:
     """Persist the digests computed in this process (builds only: readers never write)."""
-    from .state import atomic_write  # state imports schema, which imports this module
-
     path, memo = _memo(c)
     if memo:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, msgspec.json.encode(memo))
+        osfs.atomic_write(path, msgspec.json.encode(memo))
 
 
 def model_fingerprint(c: Config) -> str:

@@ -22,7 +22,6 @@ nor transformers. `flock` on `<folder>.lock` makes two builds export once betwee
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import os
 import re
@@ -32,7 +31,7 @@ from collections.abc import Iterator, Sequence
 import msgspec
 import numpy as np
 
-from . import embedding, failpoints, models, state
+from . import embedding, failpoints, models, osfs
 from . import config as cfg
 from .config import Config
 from .errors import ModelLoadError, RuntimeFailure
@@ -206,21 +205,13 @@ def load(c: Config, warn):
 
 @contextlib.contextmanager
 def export_lock(folder: str) -> Iterator[None]:
-    """flock on <folder>.lock; waits for another build's export (the OS frees it if that build dies).
+    """A lock on <folder>.lock; waits for another build's export (the OS frees it if that build dies).
     Holding it, no one else writes the folder: a killed export's temp files are swept here."""
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    fd = os.open(f"{folder}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            failpoints.fire("onnx.export", "wait")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with osfs.exclusive_lock(f"{folder}.lock", on_busy=lambda: failpoints.fire("onnx.export", "wait")):
         for leftover in glob.glob(os.path.join(glob.escape(folder), "*.tmp.*")):
-            os.unlink(leftover)
+            osfs.unlink(leftover)
         yield
-    finally:
-        os.close(fd)
 
 
 def open_embedder(folder: str, meta: ExportMeta, batch: int, name: str) -> OnnxEmbedder:
@@ -230,7 +221,7 @@ def open_embedder(folder: str, meta: ExportMeta, batch: int, name: str) -> OnnxE
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = osfs.usable_cpus()
     options.inter_op_num_threads = 1
     # Idle workers sleep instead of spinning: the build's writer thread (Chroma upserts) and other
     # processes share these cores; measured: ~10 % less CPU for the same encode, same wall time.
@@ -260,13 +251,13 @@ def _export_and_check(c: Config, folder: str, fingerprint: str, batch: int, warn
         if not flag.tokenizer.is_fast:
             raise ModelLoadError("the model has no fast (Rust) tokenizer to save beside the export")
         _export_graph(flag, names, os.path.join(folder, "model.onnx"))
-        state.atomic_write(os.path.join(folder, "tokenizer.json"), flag.tokenizer.backend_tokenizer.to_str().encode())
+        osfs.atomic_write(os.path.join(folder, "tokenizer.json"), flag.tokenizer.backend_tokenizer.to_str().encode())
     except _TRANSIENT:
         raise
     except Exception as exc:  # the model's graph does not export: remember it, do not retry every run
         meta = _meta(flag, fingerprint, names, folder, passed=False, worst=None,
                      cause=f"export failed: {type(exc).__name__}: {exc}")
-        state.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))
+        osfs.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))
         warn("onnx_backend_unused", folder=folder, cause=meta.cause, fallback="torch")
         return reference
     export_sec = time.perf_counter() - t0
@@ -278,7 +269,7 @@ def _export_and_check(c: Config, folder: str, fingerprint: str, batch: int, warn
     cause = "" if passed else f"probe check: worst cosine {worst:.7f} < {PROBE_MIN_COSINE}"
     meta = msgspec.structs.replace(meta, passed=passed, worst_cosine=worst, cause=cause, export_sec=export_sec,
                                    check_sec=time.perf_counter() - t1, sha256=_digests(folder))
-    state.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))  # the commit point
+    osfs.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))  # the commit point
     failpoints.fire("onnx.export", "done")
     candidate.embedded = reference.embedded = 0
     if not passed:
@@ -349,18 +340,18 @@ def _quantize_and_check(c: Config, folder: str, fingerprint: str, warn) -> Expor
             quantize_dynamic(os.path.join(base_folder, "model.onnx"), tmp, weight_type=QuantType.QInt8,
                              per_channel=True, op_types_to_quantize=["MatMul"],
                              extra_options={"MatMulConstBOnly": True})
-        _fsync_replace(tmp, target)
+        osfs.sync_and_replace(tmp, target)  # its bytes on disk before meta.json, written after, names them
     except _TRANSIENT:
         raise
     except Exception as exc:  # the graph does not quantize: remember it, do not retry every run
         meta = msgspec.structs.replace(meta, onnx_bytes=-1, cause=f"quantization failed: {type(exc).__name__}: {exc}")
-        state.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))
+        osfs.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))
         return meta
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            osfs.unlink(tmp)
     with open(os.path.join(base_folder, "tokenizer.json"), "rb") as fh:
-        state.atomic_write(os.path.join(folder, "tokenizer.json"), fh.read())
+        osfs.atomic_write(os.path.join(folder, "tokenizer.json"), fh.read())
     meta = msgspec.structs.replace(meta, onnx_bytes=_size(target), export_sec=time.perf_counter() - t0)
     candidate = open_embedder(folder, meta, 1, c.embed_model)  # one text per pass, as _load_quantized runs it
     t1 = time.perf_counter()
@@ -370,7 +361,7 @@ def _quantize_and_check(c: Config, folder: str, fingerprint: str, warn) -> Expor
                                    sha256=_digests(folder),
                                    cause="" if passed else f"probe check: worst cosine {worst:.4f} to the float32 "
                                                            f"export < {INT8_MIN_COSINE}")
-    state.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))  # the commit point
+    osfs.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))  # the commit point
     failpoints.fire("onnx.quantize", "done")
     return meta
 
@@ -421,23 +412,13 @@ def _export_graph(flag, names: list[str], target: str) -> None:
             torch.onnx.export(wrapper, tuple(sample[n] for n in names), tmp, dynamo=False, opset_version=OPSET,
                               input_names=names, output_names=["vector"],
                               dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "vector": {0: "batch"}})
-        _fsync_replace(tmp, target)
+        osfs.sync_and_replace(tmp, target)  # its bytes on disk before meta.json, written after, names them
     except BaseException:  # an interrupted or failed export leaves no 90 MB half-file behind
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            osfs.unlink(tmp)
         raise
     finally:
         flag.model.eval()  # the exporter restores the wrapper's mode, recursively
-
-
-def _fsync_replace(tmp: str, target: str) -> None:
-    """The file's bytes on disk before its name: meta.json, written after, must not outlive them."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
 
 
 def _meta(flag, fingerprint: str, names: list[str], folder: str, *, passed: bool, worst: float | None,

@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 
 from . import config as cfg
-from . import executor, failpoints, models, state, wal
+from . import executor, failpoints, models, osfs, state, wal
 from .chunking import chunk_text
 from .config import Config
 from .corpus import Document
@@ -264,11 +264,7 @@ def append_embed_log(c: Config, text: str) -> None:
     build records RUN_FINISH reason=error, so the next run resumes."""
     path = cfg.path(c, c.embed_log)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+        osfs.append_bytes(path, text.encode())
     except OSError as exc:
         raise UsageError(f"--embed-log {path}: cannot append: {exc.strerror or exc}") from None
 

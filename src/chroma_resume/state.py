@@ -1,6 +1,6 @@
 """Durable state beside the WAL: the manifest, LATEST, and the writer lock.
 
-Manifest and LATEST are replaced atomically (temp file, fsync, os.replace, fsync
+Manifest and LATEST are replaced atomically (osfs.atomic_write: temp file, fsync, replace, fsync
 the directory), so a reader never sees half a file.
 """
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ import socket
 import msgspec
 
 from . import config as cfg
-from . import failpoints, schema, wal
+from . import failpoints, osfs, schema
 from .errors import ChromaResumeError, LockHeld, NewerState, RuntimeFailure, UsageError
 
 WAL_NAME = "index_state.stage.jsonl"
@@ -153,7 +152,7 @@ def load_manifest(path: str) -> Manifest | None:
 def write_manifest(path: str, manifest: Manifest) -> None:
     data = msgspec.json.format(msgspec.json.encode(manifest), indent=1)
     failpoints.fire("manifest.before_replace")
-    atomic_write(path, data + b"\n")
+    osfs.atomic_write(path, data + b"\n")
     failpoints.fire("manifest.after_replace")
 
 
@@ -168,72 +167,39 @@ def read_latest(collection_dir: str) -> str | None:
 
 
 def write_latest(collection_dir: str, schema_hash: str) -> None:
-    atomic_write(os.path.join(collection_dir, LATEST_NAME), schema_hash.encode() + b"\n")
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        wal.fsync_dir(folder)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}") from None
+    osfs.atomic_write(os.path.join(collection_dir, LATEST_NAME), schema_hash.encode() + b"\n")
 
 
 # ---- writer lock ----------------------------------------------------------------------
 
 class WriterLock:
-    """flock on <collection>/writer.lock: one writer per collection whatever its schema (a build
-    with other options must never reset a collection under a running one). The OS releases the
-    lock when the holder dies, so a crash never wedges."""
+    """An exclusive lock on <collection>/writer.lock: one writer per collection whatever its schema
+    (a build with other options must never reset a collection under a running one). The OS releases
+    the lock when the holder dies, so a crash never wedges; a contender waits osfs.LOCK_GRACE_SEC for
+    a holder just killed, then exits 3 naming the holder (from the sidecar writer.lock.holder)."""
 
     def __init__(self, collection_dir: str, run_id: str, name: str = LOCK_NAME):
         self.path = os.path.join(collection_dir, name)
         self.run_id = run_id
-        self.fd = -1
+        self._held: contextlib.ExitStack | None = None
 
     def __enter__(self) -> "WriterLock":
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise _lock_error(self.path, exc) from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(self.fd)
-            os.close(self.fd)
-            raise LockHeld(f"another writer holds {self.path}: {holder}") from None
-        except OSError as exc:  # ENOLCK on some network filesystems: no lock, no safe build
-            os.close(self.fd)
-            raise _lock_error(self.path, exc) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "started_at": now_iso()}
+        stack = contextlib.ExitStack()
         try:  # a flaky or full filesystem can fail these too: exit 5 with the cause, never a traceback
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, json.dumps(info).encode(), 0)
-        except OSError as exc:
-            os.close(self.fd)  # releases the flock just taken
-            self.fd = -1
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            stack.enter_context(osfs.exclusive_lock(self.path, wait=osfs.LOCK_GRACE_SEC, holder=info))
+        except osfs.LockBusy as busy:
+            raise LockHeld(f"another writer holds {self.path}: {busy.holder}") from None
+        except OSError as exc:  # ENOLCK on some network filesystems: no lock, no safe build
             raise _lock_error(self.path, exc) from None
+        self._held = stack
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = -1
+        if self._held is not None:
+            self._held.close()  # releases the lock
+            self._held = None
 
 
 def store_lock(c: cfg.Config, run_id: str) -> "WriterLock | contextlib.nullcontext":
@@ -256,12 +222,5 @@ def _lock_error(path: str, exc: OSError) -> ChromaResumeError:
         return UsageError(f"cannot create the writer lock {path}: the collection name is too long for this "
                           f"filesystem ({exc.strerror}); choose a shorter --collection")
     return RuntimeFailure(f"cannot lock {path}: {exc.strerror or exc} (the --state-root must be a writable local "
-                          f"folder that supports flock)")
+                          f"folder that supports file locks)")
 
-
-def _read_holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return " ".join(f"{k}={info.get(k)}" for k in ("pid", "host", "run_id", "started_at"))
-    except ValueError:
-        return "holder unknown"

@@ -8,7 +8,6 @@ duplicate id) stops it at once: no retry can change the answer.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import pickle
@@ -21,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import quote
 
 from . import config as cfg
-from . import failpoints
+from . import failpoints, osfs
 from .config import Config
 from .errors import ChromaResumeError, RuntimeFailure, StoreCorrupt, UsageError
 
@@ -186,24 +185,18 @@ def make_durable(c: Config) -> None:
     root = cfg.path(c, c.db)
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_path(os.path.join(folder, name), os.O_RDONLY)
-        _fsync_path(folder, os.O_RDONLY)
-    _fsync_path(os.path.dirname(root), os.O_RDONLY)
+            _make_durable(osfs.fsync_file, os.path.join(folder, name))
+        _make_durable(osfs.fsync_dir, folder)
+    _make_durable(osfs.fsync_dir, os.path.dirname(root))
 
 
-def _fsync_path(path: str, flags: int) -> None:
+def _make_durable(sync, path: str) -> None:
     try:
-        fd = os.open(path, flags)
+        sync(path)
     except FileNotFoundError:
         return  # Chroma removed a temporary file while we walked
     except OSError as exc:
-        raise RuntimeFailure(f"cannot open {path} to make it durable: {exc.strerror}") from None
-    try:
-        os.fsync(fd)
-    except OSError as exc:
         raise RuntimeFailure(f"cannot fsync {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def set_aside(c: Config) -> str:
@@ -214,7 +207,7 @@ def set_aside(c: Config) -> str:
     root = cfg.path(c, c.db)
     aside = f"{root}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     try:
-        os.replace(root, aside)
+        osfs.replace(root, aside)
     except OSError as exc:
         raise RuntimeFailure(f"cannot set the broken Chroma folder {root} aside: {exc.strerror}") from None
     SharedSystemClient.clear_system_cache()
@@ -490,13 +483,9 @@ def _persistent_client(chromadb, where: str, scope: dict):
     (so readers such as verify write nothing)."""
     if os.path.exists(os.path.join(where, "chroma.sqlite3")):
         return chromadb.PersistentClient(path=str(where), **scope)
-    lock = os.open(os.path.join(os.path.dirname(where), f".{os.path.basename(where).lstrip('.')}.create.lock"),
-                   os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = os.path.join(os.path.dirname(where), f".{os.path.basename(where).lstrip('.')}.create.lock")
+    with osfs.exclusive_lock(lock):
         return chromadb.PersistentClient(path=str(where), **scope)
-    finally:
-        os.close(lock)  # releases the flock
 
 
 def request_headers(c: Config) -> dict[str, str]:

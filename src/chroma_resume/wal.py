@@ -16,7 +16,7 @@ from typing import Union
 
 import msgspec
 
-from . import failpoints
+from . import failpoints, osfs
 from .errors import RuntimeFailure, UsageError, WalCorrupt
 
 WAL_VERSION = 1
@@ -286,12 +286,7 @@ def _check_order(r: Replay, ev: Event, path: str, lineno: int, offset: int) -> N
 
 def drop_torn_tail(path: str, good_size: int) -> None:
     """Cut the file back to its last intact record, durably, before anything is appended."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, good_size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    osfs.truncate_durably(path, good_size)
 
 
 class Writer:
@@ -302,14 +297,14 @@ class Writer:
         self.seq = next_seq
         created = not os.path.exists(path)
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.fd = osfs.open_for_write(path, append=True)
             if created:
-                fsync_dir(os.path.dirname(path))
+                osfs.fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise RuntimeFailure(f"cannot open WAL {path}: {exc.strerror}") from None
         self.size = os.fstat(self.fd).st_size
         if not created:
-            os.fsync(self.fd)  # so the synced_to we declare from now on is true
+            osfs.fsync(self.fd)  # so the synced_to we declare from now on is true
         self.synced_to = self.size
         self.unsynced_events = 0
 
@@ -348,7 +343,7 @@ class Writer:
         if self.unsynced_events == 0:
             return
         try:
-            os.fsync(self.fd)
+            osfs.fsync(self.fd)
         except OSError as exc:
             raise RuntimeFailure(f"cannot fsync WAL {self.path}: {exc.strerror}") from None
         self.synced_to, self.unsynced_events = self.size, 0
@@ -374,12 +369,3 @@ class NullWriter:
 
     def close(self) -> None:
         pass
-
-
-def fsync_dir(path: str) -> None:
-    """Make the names in folder `path` durable (a file created, renamed or removed); raises OSError."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
