@@ -45,6 +45,13 @@ class Listing(msgspec.Struct):
         return uri in self.files or "." in self.dirs or any(uri.startswith(d + "/") for d in self.dirs)
 
 
+def normalize_newlines(text: str) -> str:
+    """`\r\n` and `\r` become `\n` before hashing and chunking: a document's identity must not depend
+    on the checkout (git's autocrlf on Windows). Text with LF endings is returned unchanged, so its
+    hashes and chunk ids stay what they were."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -105,9 +112,9 @@ def _walk(root: str, include: Iterable[str], exclude: Iterable[str], skip: Warn)
         for name in names:
             full = os.path.join(folder, name)
             uri = f"{rel}/{name}" if rel else name
-            if any(fnmatch.fnmatch(uri, p) or fnmatch.fnmatch(name, p) for p in exclude):
+            if any(_matches(uri, p) or _matches(name, p) for p in exclude):
                 continue
-            if not _valid_utf8(name) and (os.path.isdir(full) or any(fnmatch.fnmatch(name, p) for p in include)):
+            if not _valid_utf8(name) and (os.path.isdir(full) or any(_matches(name, p) for p in include)):
                 # no uri, doc_id or Chroma id can carry it: kept as unreadable (skipped is not deleted)
                 skip("not_utf8_name", _escaped(uri), "file name is not valid UTF-8 (rename it to index it)")
                 continue
@@ -126,8 +133,14 @@ def _walk(root: str, include: Iterable[str], exclude: Iterable[str], skip: Warn)
                     continue
                 seen_dirs.add(real)
                 stack.append((full, uri))
-            elif any(fnmatch.fnmatch(name, p) for p in include):
+            elif any(_matches(name, p) for p in include):
                 yield full, uri
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Case-sensitive on every OS (fnmatch.fnmatch folds case on Windows: `*.md` would take README.MD
+    there), so one corpus lists the same documents on every system."""
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _valid_utf8(name: str) -> bool:
@@ -159,7 +172,7 @@ def _read_file(c: Config, full: str, uri: str, skip: Warn) -> Document | None:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         return skip("not_utf8", uri, f"invalid UTF-8 at byte {exc.start}")
-    text = text.removeprefix("\ufeff")
+    text = normalize_newlines(text.removeprefix("\ufeff"))
     updated = dt.datetime.fromtimestamp(info.st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
     ext = os.path.splitext(uri)[1].lstrip(".").lower() or "text"
     return Document(uri=uri, doc_id=doc_id_for(uri), content_sha256=sha256_text(text),
@@ -249,12 +262,13 @@ def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document
             unit = _unit_decoder.decode(raw)
             if only is not None and unit.source_uri not in only:
                 continue
+            text = normalize_newlines(unit.text)
             yield Document(
                 uri=unit.source_uri,
                 doc_id=unit.doc_id or doc_id_for(unit.source_uri),
-                content_sha256=sha256_text(unit.text),
+                content_sha256=sha256_text(text),
                 source_type=unit.source_type or "unit",
                 updated_at=unit.updated_at or "",
-                text=unit.text,
+                text=text,
                 metadata=unit.metadata or {},  # checked by _metadata_problems: stored exactly as given
             )

@@ -1,0 +1,94 @@
+"""One corpus, one index, whatever the OS or checkout: line endings and glob case.
+
+A Windows checkout with core.autocrlf=true turns every `\\n` into `\\r\\n`; fnmatch folds case
+under Windows' normcase. Neither may change which documents are listed, their hashes or their chunks.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import ntpath
+import posixpath
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chroma_resume import cli, corpus
+from chroma_resume.chunking import chunk_text
+
+from conftest import HASH_BUILD, REPO, run_cli, summary, write_corpus
+
+_PROSE = st.text(alphabet=st.sampled_from(list("abc xyz.\n\n") + ["Ω", "文"]), max_size=2500)
+
+
+def _scan(root: Path, **options) -> dict[str, corpus.Document]:
+    c = cli.resolve_config({"root": str(root), **options})
+    return {d.uri: d for d in corpus.scan(c, lambda *a, **k: None)}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_PROSE, ending=st.sampled_from(["\r\n", "\r"]))
+def test_a_crlf_or_cr_checkout_has_the_same_hash_and_chunks(tmp_path_factory, text, ending):
+    root = tmp_path_factory.mktemp("c")
+    (root / "lf").mkdir()
+    (root / "crlf").mkdir()
+    (root / "lf" / "d.md").write_bytes(text.encode())
+    (root / "crlf" / "d.md").write_bytes(text.replace("\n", ending).encode())
+    lf, other = _scan(root, docs="lf")["d.md"], _scan(root, docs="crlf")["d.md"]
+    assert other.content_sha256 == lf.content_sha256 and other.text == lf.text
+    assert chunk_text(other.text, 300, 40, 50) == chunk_text(lf.text, 300, 40, 50)
+
+
+def test_units_text_is_normalized_like_files(tmp_path):
+    import json
+
+    lines = [json.dumps({"source_uri": u, "text": t}) for u, t in (("a", "one\r\ntwo\rthree\n"), ("b", "one\ntwo\nthree\n"))]
+    (tmp_path / "units.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs = _scan(tmp_path, units="units.jsonl")
+    assert docs["a"].text == docs["b"].text == "one\ntwo\nthree\n"
+    assert docs["a"].content_sha256 == docs["b"].content_sha256
+
+
+def test_an_lf_corpus_keeps_the_hashes_it_had():
+    """No reset on upgrade: for LF files the hash is still the sha256 of the file's text as read."""
+    docs = _scan(REPO, docs="examples/corpus")
+    assert docs
+    for uri, doc in docs.items():
+        raw = (REPO / "examples" / "corpus" / uri).read_bytes().decode("utf-8").removeprefix("\ufeff")
+        if "\r" not in raw:
+            assert doc.content_sha256 == hashlib.sha256(raw.encode()).hexdigest(), uri
+
+
+def test_an_index_built_from_lf_is_up_to_date_for_a_crlf_checkout(tmp_path):
+    texts = {uri: text.replace(". ", ".\n") for uri, text in write_corpus(tmp_path / "corpus", 6, sizes=(40, 700)).items()}
+    for uri, text in texts.items():
+        (tmp_path / "corpus" / uri).write_bytes(text.encode())
+    first = run_cli(["build", *HASH_BUILD], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert sum(t.count("\n") for t in texts.values()) > 12
+    for uri, text in texts.items():
+        (tmp_path / "corpus" / uri).write_bytes(text.replace("\n", "\r\n").encode())
+    again = run_cli(["build", *HASH_BUILD], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert summary(again.stdout)["docs_processed"] == "0" and "up to date" in again.stdout, again.stdout
+
+
+# ---- globs ------------------------------------------------------------------------------
+
+_NAMES = st.lists(st.sampled_from(["a.md", "B.MD", "README.MD", "readme.md", "c.Md", "notes.txt", "X.TXT"]),
+                  unique=True, min_size=1)
+
+
+@pytest.mark.parametrize("normcase", [posixpath.normcase, ntpath.normcase], ids=["posix", "windows"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=_NAMES, pattern=st.sampled_from(["*.md", "*.MD", "README*", "*.txt"]))
+def test_globs_match_case_sensitively_under_either_normcase(tmp_path_factory, monkeypatch, normcase, names, pattern):
+    root = tmp_path_factory.mktemp("g")
+    (root / "docs").mkdir()
+    for name in names:
+        (root / "docs" / name).write_text("some text\n", encoding="utf-8")
+    monkeypatch.setattr(fnmatch.os.path, "normcase", normcase)  # what fnmatch.fnmatch consults
+    listed = set(_scan(root, docs="docs", include=[pattern]))
+    assert listed == {n for n in names if fnmatch.fnmatchcase(n, pattern)}
