@@ -16,8 +16,10 @@ when a check failed and 2 when an index could not be checked at all (usage, lock
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
@@ -115,13 +117,15 @@ def _read_junit(path: str, run: str, planned: dict[str, str]) -> ET.Element:
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
-    """A lock beside the report (`.<name>.lock`): sub-tasks in parallel processes merge one at a time.
-    (A lock file, not the folder: Windows cannot open a folder.)"""
-    folder, name = os.path.split(os.path.abspath(path))
+    """A lock per report: sub-tasks in parallel processes merge one at a time. It lives in the
+    temp folder, keyed by the report's path, so the report's folder holds only reports (and a
+    folder cannot be locked on Windows)."""
+    report = os.path.abspath(path)
+    key = hashlib.sha256(os.path.normcase(report).encode("utf-8", "surrogateescape")).hexdigest()[:20]
     lock = contextlib.ExitStack()
     try:
-        os.makedirs(folder, exist_ok=True)
-        lock.enter_context(osfs.exclusive_lock(os.path.join(folder, f".{name}.lock")))
+        os.makedirs(os.path.dirname(report), exist_ok=True)
+        lock.enter_context(osfs.exclusive_lock(os.path.join(tempfile.gettempdir(), f"chroma-resume-report-{key}.lock")))
     except OSError as exc:
         raise UsageError(f"cannot write report {path}: {exc.strerror or exc}") from None
     with lock:
