@@ -189,6 +189,22 @@ def test_clean_wal_archive_keeps_the_exact_bytes(killed):
     assert not wal_path(killed).exists()
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_clean_wal_on_a_wal_whose_first_record_is_torn(workdir, force):
+    """A run killed inside its first append leaves no readable RUN_START: refused without --force,
+    removed with it; never a traceback."""
+    path = wal_path(workdir)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"t":"RUN_START","seq":1,"run_')
+    result = clean(workdir, *(["--force"] if force else []))
+    assert "Traceback" not in result.stderr
+    if force:
+        assert result.returncode == 0 and "unreadable" in result.stdout and not path.exists(), result.stderr
+    else:
+        assert result.returncode == 2 and "first record is unreadable" in result.stderr and "--force" in result.stderr
+        assert path.read_bytes() == b'{"t":"RUN_START","seq":1,"run_'
+
+
 def test_clean_wal_without_a_wal_says_so(workdir):
     result = clean(workdir)
     assert result.returncode == 0

@@ -18,6 +18,8 @@ def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> 
     with state.WriterLock(p["collection_dir"], run_id=f"clean-wal-{uuid.uuid4().hex[:6]}"):
         try:
             replay = wal.read(path)
+            if replay.start is None:  # a run killed while writing its RUN_START: no run to name
+                raise WalCorrupt(f"{path}: its first record is unreadable, so it names no run")
             manifest = state.load_manifest(p["manifest"])
             manifest_run = manifest.last_build.get("run_id") if manifest else None
             run_id, committed = replay.start.run_id, replay.docs_committed
