@@ -102,3 +102,23 @@ def test_a_finished_build_has_fsynced_every_chroma_file_before_its_manifest(tmp_
     db = tmp_path / ".chroma"
     files = [str(p) for p in db.rglob("*") if p.is_file()] + [str(p) for p in db.rglob("*") if p.is_dir()]
     assert files and all(f in synced[:manifest_at] for f in files), set(files) - set(synced[:manifest_at])
+
+
+def test_release_files_closes_every_handle_this_process_holds_in_the_store(tmp_path):
+    """Windows cannot rename or delete a folder with a file open inside: before a store is set aside,
+    this process holds nothing there (observed in /proc/self/fd)."""
+    import chromadb
+
+    from chroma_resume import store
+
+    db = tmp_path / "db"
+    chromadb.PersistentClient(path=str(db)).get_or_create_collection("col").add(ids=["a"], embeddings=[[1.0, 0.0]])
+
+    def held() -> list[str]:
+        return [t for t in (os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                            if os.path.exists(f"/proc/self/fd/{fd}")) if t.startswith(str(db))]
+
+    assert held(), "the client opened nothing: the check would prove nothing"
+    store.release_files(str(db))
+    assert held() == []
+    assert chromadb.PersistentClient(path=str(db)).get_collection("col").count() == 1  # a new client starts afresh

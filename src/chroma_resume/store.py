@@ -8,6 +8,7 @@ duplicate id) stops it at once: no retry can change the answer.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import pickle
@@ -201,17 +202,30 @@ def _make_durable(sync, path: str) -> None:
 
 def set_aside(c: Config) -> str:
     """Rename a broken embedded Chroma folder to `<db>.corrupt-<timestamp>` (never deleted: it may hold
-    something a person wants back) and forget the clients chromadb cached for that path."""
-    from chromadb.api.client import SharedSystemClient
-
+    something a person wants back), after releasing this process's handles on it: Windows cannot
+    rename a folder with a file open inside."""
     root = cfg.path(c, c.db)
     aside = f"{root}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    release_files(root)
     try:
         osfs.replace(root, aside)
     except OSError as exc:
         raise RuntimeFailure(f"cannot set the broken Chroma folder {root} aside: {exc.strerror}") from None
-    SharedSystemClient.clear_system_cache()
     return aside
+
+
+def release_files(root: str) -> None:
+    """Stop the Chroma systems this process opened on folder `root` (closing SQLite and segment
+    files) and forget every cached client, so the next client of that path starts afresh."""
+    from chromadb.api.client import SharedSystemClient
+
+    where = os.path.realpath(root)
+    for system in list(SharedSystemClient._identifier_to_system.values()):  # chromadb keeps no public list
+        if os.path.realpath(system.settings.persist_directory or os.sep) == where:
+            with contextlib.suppress(Exception):  # a broken store may fail to stop cleanly: still let it go
+                system.stop()
+    SharedSystemClient.clear_system_cache()
+    gc.collect()  # chromadb's Rust bindings close their SQLite and segment files when dropped, not when stopped
 
 
 # Segment files Chroma always writes with content; an empty one is what a power cut leaves
