@@ -3,16 +3,18 @@
 A fix that names only the verb (`chroma-resume build`) would, from a shell, repair the default
 corpus, database and collection, not the one a check failed on. So every printed fix is rendered
 here from the Config that check ran with: each option that differs from the built-in default,
-shell-quoted, with --root as an absolute path (a fix pasted in another folder acts on the same index), --index
+quoted for the shell it will be pasted into (CMD on Windows, a POSIX shell elsewhere), with --root as an absolute path (a fix pasted in another folder acts on the same index), --index
 when the index is one of several, and every option the fix itself sets, even at its default.
 """
 from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 
 import msgspec
 
+from . import osfs
 from .config import Config
 
 PROGRAM = "chroma-resume"
@@ -31,7 +33,19 @@ def command_line(c: Config, verb: str, *extra: str, index: str | None = None, **
         if name == "root" or value is None or (value == getattr(default, name) and name not in changes):
             continue  # a value the fix sets is spelled out even when it is the default: pyproject may differ
         words.append(f"--{name.replace('_', '-')}={_spell(name, value)}")  # `=`: a value may start with '-'
-    return shlex.join([*words, *extra])
+    return shell_join([*words, *extra])
+
+
+def move_command(source: str, target: str) -> str:
+    """Rename a file, in the shell's own words: `move` in CMD, `mv` elsewhere."""
+    return shell_join(["move" if osfs.IS_WINDOWS else "mv", source, target])
+
+
+def shell_join(words: list[str], *, windows: bool | None = None) -> str:
+    """Words quoted so the shell a person pastes them into gives the program these words back: CMD
+    on Windows (subprocess.list2cmdline: double quotes, the rules programs there split arguments by;
+    single quotes would reach the program literally), POSIX shells elsewhere (shlex.join)."""
+    return subprocess.list2cmdline(words) if (osfs.IS_WINDOWS if windows is None else windows) else shlex.join(words)
 
 
 def _spell(name: str, value) -> str:

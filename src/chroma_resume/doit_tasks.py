@@ -18,10 +18,10 @@ The rest of the package never imports this module (nor doit).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
-import shlex
 import sys
 import tempfile
 import uuid
@@ -30,7 +30,7 @@ from types import SimpleNamespace
 from doit import task_params
 from doit.exceptions import TaskError, TaskFailed
 
-from . import cli, gate, indexes
+from . import cli, commands, gate, indexes
 from .errors import ChromaResumeError
 
 __all__ = ["task_build", "task_resume_status", "task_verify", "task_clean_wal", "task_repair", "task_cache_stats",
@@ -120,15 +120,7 @@ def task_crash_matrix():
         return None
     from doit.action import CmdAction
 
-    def command(scenario, points, workers, report, real_model_rows, seed):
-        args = [sys.executable, "-m", "fault_injection", "--workers", str(workers),
-                "--real-model-rows", str(real_model_rows), "--seed", str(seed)]
-        args += [arg for name in scenario for arg in ("--scenario", name)]
-        args += ["--points", points] if points else []
-        args += ["--report", report] if report else []
-        return shlex.join(args)
-
-    return {"basename": "crash-matrix", "actions": [CmdAction(command)], "uptodate": [False], "verbosity": 2,
+    return {"basename": "crash-matrix", "actions": [CmdAction(_crash_matrix_command)], "uptodate": [False], "verbosity": 2,
             "params": [_param("scenario", list, "run only this scenario (repeatable)", []),
                        _param("points", str, "boundaries per scenario, or all"),
                        _param("workers", int, "parallel workers", 2),
@@ -137,14 +129,26 @@ def task_crash_matrix():
                        _param("seed", int, "corpus and sampling seed", 0)]}
 
 
+def _crash_matrix_command(scenario, points, workers, report, real_model_rows, seed) -> str:
+    args = [sys.executable, "-m", "fault_injection", "--workers", str(workers),
+            "--real-model-rows", str(real_model_rows), "--seed", str(seed)]
+    args += [arg for name in scenario for arg in ("--scenario", name)]
+    args += ["--points", points] if points else []
+    args += ["--report", report] if report else []
+    return commands.shell_join(args)  # doit runs it through this OS's shell
+
+
 # ---- one task, or a sub-task per index -------------------------------------------------------
+# Actions and up-to-date checks are module-level functions bound with functools.partial, never
+# closures: `doit -n 2` pickles each task for its worker processes, and Windows' only start
+# method (spawn) cannot pickle a closure.
 
 def _tasks(command: str, given: dict, run: str = ""):
     try:
         found = indexes.load(".")
     except ChromaResumeError as exc:  # a broken table: every task says so when run (doit list still works)
         error = exc
-        return {"basename": command, "actions": [lambda: _refused(command, error)], "uptodate": [False],
+        return {"basename": command, "actions": [functools.partial(_refused, command, error)], "uptodate": [False],
                 "verbosity": 2}
     planned = {index.name or "default": f"{command}:{index.name}" if index.name else command for index in found}
     if found[0].name is None:
@@ -181,38 +185,42 @@ def _split(command: str, options: dict) -> tuple[dict, SimpleNamespace]:
 
 
 def _action(command: str, index: indexes.Index, given: dict):
-    def action(task):
-        config_options, extra = _split(command, _options(given, task))
-        if command == "cache-prune" and extra.keep is None:
-            extra.keep = "current"
-        return _outcome(task.name, cli.run(command, config_options, extra, index.name))
-    return action
+    return functools.partial(_run, command, index, given)
+
+
+def _run(command: str, index: indexes.Index, given: dict, task):
+    config_options, extra = _split(command, _options(given, task))
+    if command == "cache-prune" and extra.keep is None:
+        extra.keep = "current"
+    return _outcome(task.name, cli.run(command, config_options, extra, index.name))
 
 
 def _verify_action(index: indexes.Index, given: dict, run: tuple[str, dict]):
+    return functools.partial(_verify, index, given, run)
+
+
+def _verify(index: indexes.Index, given: dict, run: tuple[str, dict], task):
     """verify, then its result merged into the run's one JSON report and one JUnit file (gate.py).
     run: this doit run's token and every index's task name."""
-    def action(task):
-        config_options, extra = _split("verify", _options(given, task))
-        indexes.gate_defaults(index, extra)  # the index table's golden file and threshold
-        targets = (extra.report, extra.junit)
+    config_options, extra = _split("verify", _options(given, task))
+    indexes.gate_defaults(index, extra)  # the index table's golden file and threshold
+    targets = (extra.report, extra.junit)
+    try:
+        from .verify import prepare_output
+        for target in filter(None, targets):
+            prepare_output(target)
+    except ChromaResumeError as exc:
+        return _refused(task.name, exc)
+    with tempfile.TemporaryDirectory() as folder:
+        extra.report, extra.junit = os.path.join(folder, "verify.json"), None
+        code = cli.run("verify", config_options, extra, index.name)
+        result = _read(extra.report)
+    if any(targets):
         try:
-            from .verify import prepare_output
-            for target in filter(None, targets):
-                prepare_output(target)
+            gate.record(run[0], index.name or "default", code, result, run[1], *targets)
         except ChromaResumeError as exc:
             return _refused(task.name, exc)
-        with tempfile.TemporaryDirectory() as folder:
-            extra.report, extra.junit = os.path.join(folder, "verify.json"), None
-            code = cli.run("verify", config_options, extra, index.name)
-            result = _read(extra.report)
-        if any(targets):
-            try:
-                gate.record(run[0], index.name or "default", code, result, run[1], *targets)
-            except ChromaResumeError as exc:
-                return _refused(task.name, exc)
-        return _outcome(task.name, code)
-    return action
+    return _outcome(task.name, code)
 
 
 def _read(path: str) -> dict | None:
@@ -226,15 +234,17 @@ def _read(path: str) -> dict | None:
 def _current(index: indexes.Index, given: dict):
     """doit's up-to-date check: never true without a successful run recorded by doit (so `doit forget`
     works), and otherwise status.up_to_date, which also checks that the collection is the manifest's."""
-    def current(task, values):
-        if not values:
-            return False
-        try:
-            from .status import up_to_date
-            return up_to_date(indexes.resolve(index, _split("build", _options(given, task))[0]))[0]
-        except Exception:  # a bad option or input, an unreachable server: the action reports it properly
-            return False
-    return current
+    return functools.partial(_is_current, index, given)
+
+
+def _is_current(index: indexes.Index, given: dict, task, values) -> bool:
+    if not values:
+        return False
+    try:
+        from .status import up_to_date
+        return up_to_date(indexes.resolve(index, _split("build", _options(given, task))[0]))[0]
+    except Exception:  # a bad option or input, an unreachable server: the action reports it properly
+        return False
 
 
 def _outcome(name: str, code: int):

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import shlex
 import sys
 import xml.etree.ElementTree as ET
 from typing import TextIO
@@ -28,7 +27,7 @@ import numpy as np
 from . import config as cfg
 from . import corpus, embedding, state, store, wal
 from .chunking import chunk_text
-from .commands import command_line
+from .commands import command_line, move_command
 from .config import Config
 from .errors import ChromaResumeError, NewerState, StoreCorrupt, UsageError
 from .plan import resume_decision
@@ -72,7 +71,7 @@ class Fixes:
         # Chroma's search graph itself is damaged: updating rows in place mends it only partly (measured), a
         # collection created anew and filled from the cache restores it. With the manifest set aside (kept
         # beside it), --on-missing-state reset does exactly that; nothing is embedded that the cache holds.
-        aside = shlex.join(["mv", manifest, manifest + ".before-rebuild"])
+        aside = move_command(manifest, manifest + ".before-rebuild")
         self.rebuild = f"{aside} && {build(on_missing_state='reset')}"
         self.rebuild_reembed = f"{aside} && {build(on_missing_state='reset', embed_cache_refresh=True)}"
         self.order = [self.rebuild_reembed, self.rebuild, self.reembed, self.rewrite, self.resume, self.reconcile,
@@ -186,7 +185,7 @@ def _manifest_check(c: Config, p: dict, schema: str, fixes: Fixes) -> tuple[stat
     except ChromaResumeError as exc:
         # Kept beside (restore it from a backup instead if you have one); the build then treats the
         # manifest as missing and --on-missing-state reset rebuilds the collection from the cache.
-        aside = shlex.join(["mv", p["manifest"], p["manifest"] + ".corrupt"])
+        aside = move_command(p["manifest"], p["manifest"] + ".corrupt")
         return None, Check("manifest", False, f"{exc} (restore it from a backup, or set it aside and rebuild)",
                            f"{aside} && {fixes.build}")
     if manifest is None:
