@@ -14,6 +14,7 @@ import sys
 
 from . import config as cfg
 from . import models, schema
+from .console import make_output_safe
 from .errors import ChromaResumeError, UsageError
 
 # (option, kind, help). kind: str | int | "bool" (true/false value) | a tuple of choices.
@@ -182,6 +183,8 @@ def cmd_verify(c: cfg.Config, args) -> int:
         from .retrieval import evaluate
         result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall)
         result.checks.append(check)
+    for target, write in outputs:  # first: CI reads them whatever happens to the console
+        write(result, target)
     for check in result.checks:
         print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
         if check.fix:
@@ -189,8 +192,6 @@ def cmd_verify(c: cfg.Config, args) -> int:
     if result.deep is not None:
         print(f"[DEEP] seed={result.deep.seed} tolerance={result.deep.tolerance} sampled={len(result.sample)} "
               f"ids={' '.join(result.sample) if result.deep.size else 'all'}")
-    for target, write in outputs:
-        write(result, target)
     if result.ok:
         print("verify: ok")
         return 0
@@ -303,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(command: str, options: dict, extra, index: str | None = None) -> int:
     """Shared by the CLI and the doit tasks: resolve the config, show it, run the command."""
+    make_output_safe()  # a path the console's code page cannot hold must not end the run
     try:
         # --root names the project: its pyproject.toml, so a printed fix runs the same from any folder
         c = resolve_config(options, folder=options.get("root") or ".", index=index)
