@@ -117,3 +117,20 @@ def test_every_task_action_and_uptodate_check_pickles(tmp_path, monkeypatch):
     for task in tasks:
         for part in (*task["actions"], *task.get("uptodate", [])):
             assert pickle.loads(pickle.dumps(part)) is not None, task["basename"]
+
+
+# ---- Ctrl+Break ------------------------------------------------------------------------------------
+
+def test_ctrl_break_stops_a_build_like_ctrl_c(monkeypatch):
+    """Windows' SIGBREAK (Ctrl+Break, a closed console), stood in for by SIGUSR1: the same graceful stop."""
+    import signal
+
+    from chroma_resume import build
+
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    assert build.stop_signals() == [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1]
+    with build._StopOnSignal() as stop:
+        assert signal.getsignal(signal.SIGUSR1) == stop._handle
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL

@@ -533,8 +533,13 @@ def _already_warned(*args, **fields) -> None:
     """The second read of the corpus: its skips were reported by the first."""
 
 
+def stop_signals() -> list[int]:
+    """Ctrl+C (SIGINT), a polite kill (SIGTERM), and on Windows Ctrl+Break or a closed console (SIGBREAK)."""
+    return [signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])]
+
+
 class _StopOnSignal:
-    """First SIGINT/SIGTERM: finish and log the in-flight batch, then stop. Second: stop at once."""
+    """First SIGINT/SIGTERM/SIGBREAK: finish and log the in-flight batch, then stop. Second: stop at once."""
 
     def __init__(self):
         self.requested = False
@@ -542,7 +547,7 @@ class _StopOnSignal:
 
     def __enter__(self) -> "_StopOnSignal":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in stop_signals():
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
