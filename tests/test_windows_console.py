@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import shlex
 import subprocess
 import sys
@@ -121,10 +122,9 @@ def test_every_task_action_and_uptodate_check_pickles(tmp_path, monkeypatch):
 
 # ---- Ctrl+Break ------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX only: SIGUSR1 stands in for SIGBREAK")
 def test_ctrl_break_stops_a_build_like_ctrl_c(monkeypatch):
     """Windows' SIGBREAK (Ctrl+Break, a closed console), stood in for by SIGUSR1: the same graceful stop."""
-    import signal
-
     from chroma_resume import build
 
     monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
