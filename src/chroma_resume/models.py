@@ -8,8 +8,8 @@ another model, even under the same name; the same files under another path are t
 
 Hashing a multi-GB model on every run would make a no-op slow, so a file's digest is remembered
 by its stat (size, mtime, ctime, inode) in `<state-root>/model-digests.json`, written by builds
-only (status and verify never write). Files of a hub cache are content-addressed already: the
-blob a snapshot links to is named by its hash, so they cost a readlink.
+only (status and verify never write). A hub cache's large (LFS) files are content-addressed already:
+the blob a snapshot links to is named by the sha256 of its bytes, so they cost a readlink.
 
 `preflight` is every check that can refuse a model, run before a build touches anything
 (DESIGN §13 "refuse before you destroy"): the model resolves offline, its config reads, its
@@ -32,7 +32,10 @@ from .errors import ModelLoadError
 # Tokenizers without a declared limit report int(1e30); no real model has a million positions.
 SANE_MAX_LENGTH = 1_000_000
 DIGESTS_NAME = "model-digests.json"
-_HASH_BLOB = re.compile(r"^[0-9a-f]{40,64}$")
+# A hub blob named by 64 hex digits is an LFS file named by the sha256 of its bytes: the digest a copied
+# file (a hub cache without symlinks, Windows' default) gives. One named by 40 is git's SHA-1 of a
+# small file (config, tokenizer): hashed like a copy, so both layouts give one fingerprint.
+_HASH_BLOB = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,7 +222,7 @@ def _memo(c: Config) -> tuple[str, dict]:
 
 
 def file_digest(real: str, memo: dict) -> str:
-    """sha256 of a file's bytes; a hub blob is named by its hash already; else remembered by stat
+    """sha256 of a file's bytes; an LFS hub blob is named by it already; else remembered by stat
     in `memo` (path -> [size, mtime_ns, ctime_ns, ino, digest]). OSError if it cannot be read."""
     name = os.path.basename(real)
     if os.path.basename(os.path.dirname(real)) == "blobs" and _HASH_BLOB.match(name):
