@@ -193,3 +193,19 @@ def test_a_held_lock_names_its_holder_after_the_grace_wait(tmp_path):
 def test_usable_cpus_without_affinity(monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     assert osfs.usable_cpus() == (os.cpu_count() or 1)
+
+
+def test_a_lock_path_over_windows_limit_is_named_as_such(tmp_path, monkeypatch):
+    """Windows reports a too-long path as 'not found': the message must name the length, not locking."""
+    from chroma_resume import state
+    from chroma_resume.errors import UsageError
+
+    def not_found(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "The system cannot find the path specified")
+
+    monkeypatch.setattr(osfs, "IS_WINDOWS", True)
+    monkeypatch.setattr(osfs, "exclusive_lock", not_found)
+    deep = tmp_path / ("x" * 120) / ("y" * 120)
+    with pytest.raises(UsageError, match=r"characters, over Windows' limit of 259.*LongPathsEnabled"):
+        with state.WriterLock(str(deep), run_id="r"):
+            pass

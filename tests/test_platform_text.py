@@ -146,3 +146,18 @@ def test_a_symlinked_and_a_copied_hub_cache_give_one_fingerprint(tmp_path):
         assert done.returncode == 0, done.stderr
         prints.append(done.stdout.strip())
     assert prints[0] == prints[1] and prints[0].startswith("bert@"), prints
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="makes a symlink (stands in for a junction)")
+def test_a_junction_leaving_the_corpus_is_not_followed(tmp_path, monkeypatch):
+    """A Windows junction is a link os.path.islink does not report (Python 3.11); realpath resolves it."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("inside\n", encoding="utf-8")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.md").write_text("outside\n", encoding="utf-8")
+    (tmp_path / "docs" / "junction").symlink_to(tmp_path / "outside", target_is_directory=True)
+    monkeypatch.setattr(os.path, "islink", lambda path: False)  # what a junction looks like to 3.11
+    warned = []
+    c = cli.resolve_config({"root": str(tmp_path), "docs": "docs"})
+    listed = {d.uri for d in corpus.scan(c, lambda key, **f: warned.append((key, f.get("path"))))}
+    assert listed == {"a.md"} and ("symlink_outside_root", "junction") in warned

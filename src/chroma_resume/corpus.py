@@ -128,6 +128,10 @@ def _walk(root: str, include: Iterable[str], exclude: Iterable[str], skip: Warn)
                     continue
             if os.path.isdir(full):
                 real = os.path.realpath(full)
+                # a Windows junction is no symlink to os.path.islink (3.11), but realpath resolves it
+                if os.path.commonpath([real_root, real]) != real_root:
+                    skip("symlink_outside_root", uri, f"points outside the corpus root to {real}")
+                    continue
                 if real in seen_dirs:
                     skip("symlink_loop", uri, "symlink loop")
                     continue

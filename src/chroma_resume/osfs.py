@@ -218,6 +218,15 @@ def read_holder(lock_path: str) -> str:
         return "holder unknown"
 
 
+WINDOWS_MAX_PATH = 260  # MAX_PATH, counting the terminating NUL
+
+
+def beyond_windows_path_limit(path: str) -> bool:
+    """On Windows without long paths enabled, a path this long fails with "not found" (ENOENT,
+    WinError 3 or 206): the one cause its message would not name."""
+    return IS_WINDOWS and len(os.path.abspath(path)) >= WINDOWS_MAX_PATH
+
+
 # ---- processes --------------------------------------------------------------------------------
 
 def usable_cpus() -> int:

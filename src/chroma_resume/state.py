@@ -221,6 +221,10 @@ def _lock_error(path: str, exc: OSError) -> ChromaResumeError:
     if exc.errno == errno.ENAMETOOLONG:
         return UsageError(f"cannot create the writer lock {path}: the collection name is too long for this "
                           f"filesystem ({exc.strerror}); choose a shorter --collection")
+    if osfs.beyond_windows_path_limit(path):
+        return UsageError(f"cannot create the writer lock {path}: the path is {len(os.path.abspath(path))} "
+                          f"characters, over Windows' limit of {osfs.WINDOWS_MAX_PATH - 1} ({exc.strerror or exc}); "
+                          f"enable long paths (LongPathsEnabled) or choose a shorter --state-root or --collection")
     return RuntimeFailure(f"cannot lock {path}: {exc.strerror or exc} (the --state-root must be a writable local "
                           f"folder that supports file locks)")
 
