@@ -134,3 +134,22 @@ def test_ctrl_break_stops_a_build_like_ctrl_c(monkeypatch):
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.requested
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_the_live_progress_line_uses_no_escape_sequence():
+    """`\\x1b[K` shows as text in a legacy Windows console: a shorter line pads over a longer one instead."""
+    import io
+
+    from chroma_resume.reporting import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    progress = Progress(total_docs=1000, mode="on", stream=screen)
+    progress.advance(docs=999, chunks=123456)
+    progress.docs, progress.chunks = 1, 1  # a shorter line next
+    progress.advance()
+    drawn = screen.getvalue().split("\r")[1:]
+    assert "\x1b" not in screen.getvalue() and len(drawn) == 2 and len(drawn[1]) == len(drawn[0])

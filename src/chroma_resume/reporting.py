@@ -44,6 +44,7 @@ class Progress:
         self.every_sec = every_sec
         self.started = self.last = time.monotonic()
         self.docs = self.chunks = 0
+        self.drawn = 0  # the longest live line so far: the next one pads over it
 
     def advance(self, docs: int = 0, chunks: int = 0) -> None:
         self.docs += docs
@@ -69,5 +70,7 @@ class Progress:
         filled = int(width * self.docs / self.total_docs) if self.total_docs else width
         line = (f"[PROGRESS] [{'#' * filled}{'.' * (width - filled)}] docs={self.docs}/{self.total_docs} "
                 f"chunks={self.chunks} rate={self.chunks / elapsed:.1f}chunks/s eta={eta}")
-        self.stream.write(("\r" + line + "\x1b[K") if self.live else line + "\n")
+        # padded over the previous line instead of ESC[K: a legacy Windows console prints escapes as text
+        self.drawn = max(self.drawn, len(line))
+        self.stream.write(("\r" + line.ljust(self.drawn)) if self.live else line + "\n")
         self.stream.flush()
