@@ -161,3 +161,13 @@ def test_a_junction_leaving_the_corpus_is_not_followed(tmp_path, monkeypatch):
     c = cli.resolve_config({"root": str(tmp_path), "docs": "docs"})
     listed = {d.uri for d in corpus.scan(c, lambda key, **f: warned.append((key, f.get("path"))))}
     assert listed == {"a.md"} and ("symlink_outside_root", "junction") in warned
+
+
+def test_a_missing_windows_model_path_is_named_as_a_path(tmp_path):
+    """`--embed-model C:\\models\\bge` that does not exist is a missing folder, not a hub id."""
+    from chroma_resume import models
+    from chroma_resume.config import make_config
+    from chroma_resume.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="model path not found"):
+        models.location(make_config(root=str(tmp_path), embed_model="C:\\models\\bge"))

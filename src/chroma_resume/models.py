@@ -64,7 +64,8 @@ def location(c: Config) -> str:
     candidate = cfg.path(c, c.embed_model)
     if os.path.exists(candidate):
         return candidate
-    looks_like_path = c.embed_model.startswith((".", "/", "~")) or c.embed_model.count("/") > 1
+    looks_like_path = (c.embed_model.startswith((".", "/", "~")) or c.embed_model.count("/") > 1
+                       or "\\" in c.embed_model or os.path.isabs(c.embed_model))  # C:\models\bge on Windows
     if looks_like_path:
         raise ModelLoadError(f"model path not found: {candidate}")
     return c.embed_model
