@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import filelock
 
@@ -152,8 +152,8 @@ def _retrying(action, *args) -> None:
 
 
 def replace(src: str, dst: str) -> None:
-    """os.replace (atomic on both OSes), retried for about a second while another handle holds
-    either name open (Windows); raises the last OSError."""
+    """os.replace (atomic on both OSes), retried for about 0.7 s while another handle holds either
+    name open (a Windows sharing violation); raises the last OSError."""
     _retrying(os.replace, src, dst)
 
 
@@ -178,7 +178,7 @@ def holder_path(lock_path: str) -> str:
 
 @contextlib.contextmanager
 def exclusive_lock(path: str, *, wait: float | None = None, holder: dict | None = None,
-                   on_busy=None) -> Iterator[None]:
+                   on_busy: Callable[[], object] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on file `path` (made if missing); the OS frees it if this process dies.
 
     wait: seconds to wait for another holder before LockBusy; None waits as long as it takes.
