@@ -58,6 +58,19 @@ def test_fixes_are_quoted_for_cmd_on_windows_and_posix_shells_elsewhere():
     assert shlex.split(posix) == words
 
 
+def test_printed_fixes_follow_the_platform(monkeypatch, tmp_path):
+    from chroma_resume import osfs
+    from chroma_resume.config import make_config
+
+    c = make_config(root=str(tmp_path / "my docs"), collection="notes")
+    monkeypatch.setattr(osfs, "IS_WINDOWS", True)
+    assert commands.move_command("C:\\s\\index state.json", "x.corrupt") == 'move "C:\\s\\index state.json" x.corrupt'
+    assert f'"--root={tmp_path / "my docs"}"' in commands.command_line(c, "build")
+    monkeypatch.setattr(osfs, "IS_WINDOWS", False)
+    assert commands.move_command("a b", "c") == "mv 'a b' c"
+    assert f"'--root={tmp_path / 'my docs'}'" in commands.command_line(c, "build")
+
+
 def test_cmd_quoting_round_trips_through_the_windows_argument_rules():
     """What CreateProcess' argument splitting (the rules list2cmdline writes for) gives back."""
     words = ["a b", 'say "hi"', "back\\slash\\", "", "plain"]
