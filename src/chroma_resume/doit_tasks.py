@@ -18,6 +18,7 @@ The rest of the package never imports this module (nor doit).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -72,43 +73,57 @@ def _params(command: str) -> list[dict]:
     return OPTION_PARAMS + EXTRA_PARAMS.get(command, [])
 
 
-@task_params(_params("build"))
+def _creator(command: str):
+    """Name the creator's tasks `command` for doit, options included.
+
+    doit names a task after its creator function (`task_resume_status` -> `resume_status`) and hands the
+    options typed after a name only to the creator of that name, so `doit resume-status --json` reached no
+    creator and was dropped (pydoit/doit#434). An object whose `create_doit_tasks` carries a `basename` is
+    named by that basename instead: the name users type, options and all, for every task alike."""
+    def named(function):
+        function.basename = command
+        task_params(_params(command))(function)
+        return SimpleNamespace(create_doit_tasks=function)
+    return named
+
+
+@_creator("build")
 def task_build(**given):
     """Build or resume the Chroma index of each corpus (up to date when nothing changed)."""
     return _tasks("build", given)
 
 
-@task_params(_params("resume-status"))
+@_creator("resume-status")
 def task_resume_status(**given):
     """Read-only report of manifest, WAL and what the next build would resume."""
     return _tasks("resume-status", given)
 
 
-@task_params(_params("verify"))
+@_creator("verify")
 def task_verify(**given):
     """CI gate: fail unless each collection holds exactly what its manifest implies."""
     return _tasks("verify", given, run=uuid.uuid4().hex)
 
 
-@task_params(_params("clean-wal"))
+@_creator("clean-wal")
 def task_clean_wal(**given):
     """Remove or archive the WAL of a finished run (--force for an unfinished one)."""
     return _tasks("clean-wal", given)
 
 
-@task_params(_params("repair"))
+@_creator("repair")
 def task_repair(**given):
     """Set an unreadable embedded Chroma folder aside, rebuild it from the embedding cache, verify."""
     return _tasks("repair", given)
 
 
-@task_params(_params("cache-stats"))
+@_creator("cache-stats")
 def task_cache_stats(**given):
     """What the embedding cache holds, per model fingerprint (loads no model)."""
     return _tasks("cache-stats", given)
 
 
-@task_params(_params("cache-prune"))
+@_creator("cache-prune")
 def task_cache_prune(**given):
     """Drop embedding cache entries of models no index uses (--keep current) or unused for N days, then vacuum."""
     return _tasks("cache-prune", given)
@@ -138,14 +153,14 @@ def task_crash_matrix():
 
 
 # ---- one task, or a sub-task per index -------------------------------------------------------
+# Actions and up-to-date checks are module-level callables bound with functools.partial (never closures):
+# doit -n 2 pickles tasks into its worker processes.
 
 def _tasks(command: str, given: dict, run: str = ""):
     try:
         found = indexes.load(".")
-    except ChromaResumeError as exc:  # a broken table: every task says so when run (doit list still works)
-        error = exc
-        return {"basename": command, "actions": [lambda: _refused(command, error)], "uptodate": [False],
-                "verbosity": 2}
+    except ChromaResumeError as exc:
+        return _refusing_tasks(command, exc)
     planned = {index.name or "default": f"{command}:{index.name}" if index.name else command for index in found}
     if found[0].name is None:
         return {"basename": command, **_task(command, found[0], given, (run, planned))}
@@ -154,12 +169,33 @@ def _tasks(command: str, given: dict, run: str = ""):
             for index in found)
 
 
+_SHOWN: set[str] = set()  # pyproject errors already shown while doit loaded this run's tasks
+
+
+def _refusing_tasks(command: str, error: ChromaResumeError):
+    """A broken pyproject: each task, and each sub-task its index tables name, refuses when run (exit 2,
+    naming file, table and key), so `doit build:docs` says what is wrong instead of doit's
+    `Invalid parameter: "build:docs"`. The error is also shown once while doit loads, so a task name no
+    table makes any more (or a file too broken to name its tables) still meets the cause; `doit list` works."""
+    if str(error) not in _SHOWN:
+        _SHOWN.add(str(error))
+        print(f"error: {error} (every chroma-resume task refuses until it is fixed)", file=sys.stderr, flush=True)
+    names = indexes.table_names(".")
+    if not names:
+        return {"basename": command, "actions": [functools.partial(_refused, command, error)], "uptodate": [False],
+                "verbosity": 2}
+    return ({"basename": command, "name": name, "actions": [functools.partial(_refused, f"{command}:{name}", error)],
+             "uptodate": [False], "verbosity": 2, "params": _params(command)} for name in names)
+
+
 def _task(command: str, index: indexes.Index, given: dict, run: tuple[str, dict]) -> dict:
     if command == "build":
-        return {"actions": [_action(command, index, given)], "uptodate": [_current(index, given)],
+        return {"actions": [functools.partial(_run, command, index.name, given)],
+                "uptodate": [BuildCurrent(index, given)],
                 "task_dep": list(index.task.get("task-dep", [])), "file_dep": list(index.task.get("file-dep", [])),
                 "verbosity": 2}
-    action = _verify_action(index, given, run) if command == "verify" else _action(command, index, given)
+    action = functools.partial(_verify, index, given, run) if command == "verify" else \
+        functools.partial(_run, command, index.name, given)
     return {"actions": [action], "uptodate": [False], "verbosity": 2}
 
 
@@ -180,39 +216,36 @@ def _split(command: str, options: dict) -> tuple[dict, SimpleNamespace]:
             SimpleNamespace(**{k: options.get(k) for k in extra}))
 
 
-def _action(command: str, index: indexes.Index, given: dict):
-    def action(task):
-        config_options, extra = _split(command, _options(given, task))
-        if command == "cache-prune" and extra.keep is None:
-            extra.keep = "current"
-        return _outcome(task.name, cli.run(command, config_options, extra, index.name))
-    return action
+def _run(command: str, index: str | None, given: dict, task):
+    """The action of every task but verify: the CLI's command with the options typed for this task."""
+    config_options, extra = _split(command, _options(given, task))
+    if command == "cache-prune" and extra.keep is None:
+        extra.keep = "current"
+    return _outcome(task.name, cli.run(command, config_options, extra, index))
 
 
-def _verify_action(index: indexes.Index, given: dict, run: tuple[str, dict]):
+def _verify(index: indexes.Index, given: dict, run: tuple[str, dict], task):
     """verify, then its result merged into the run's one JSON report and one JUnit file (gate.py).
     run: this doit run's token and every index's task name."""
-    def action(task):
-        config_options, extra = _split("verify", _options(given, task))
-        indexes.gate_defaults(index, extra)  # the index table's golden file and threshold
-        targets = (extra.report, extra.junit)
+    config_options, extra = _split("verify", _options(given, task))
+    indexes.gate_defaults(index, extra)  # the index table's golden file and threshold
+    targets = (extra.report, extra.junit)
+    try:
+        from .verify import prepare_output
+        for target in filter(None, targets):
+            prepare_output(target)
+    except ChromaResumeError as exc:
+        return _refused(task.name, exc)
+    with tempfile.TemporaryDirectory() as folder:
+        extra.report, extra.junit = os.path.join(folder, "verify.json"), None
+        code = cli.run("verify", config_options, extra, index.name)
+        result = _read(extra.report)
+    if any(targets):
         try:
-            from .verify import prepare_output
-            for target in filter(None, targets):
-                prepare_output(target)
+            gate.record(run[0], index.name or "default", code, result, run[1], *targets)
         except ChromaResumeError as exc:
             return _refused(task.name, exc)
-        with tempfile.TemporaryDirectory() as folder:
-            extra.report, extra.junit = os.path.join(folder, "verify.json"), None
-            code = cli.run("verify", config_options, extra, index.name)
-            result = _read(extra.report)
-        if any(targets):
-            try:
-                gate.record(run[0], index.name or "default", code, result, run[1], *targets)
-            except ChromaResumeError as exc:
-                return _refused(task.name, exc)
-        return _outcome(task.name, code)
-    return action
+    return _outcome(task.name, code)
 
 
 def _read(path: str) -> dict | None:
@@ -223,18 +256,38 @@ def _read(path: str) -> dict | None:
         return None  # verify stopped before its report (exit 2, 5): the exit code says why
 
 
-def _current(index: indexes.Index, given: dict):
-    """doit's up-to-date check: never true without a successful run recorded by doit (so `doit forget`
-    works), and otherwise status.up_to_date, which also checks that the collection is the manifest's."""
-    def current(task, values):
+class BuildCurrent:
+    """doit's up-to-date check of one index's build; as text (what `doit info build:docs` shows) the reason
+    in words that it last gave.
+
+    Never up to date without a successful run recorded by doit (so `doit forget` works) or when options
+    were typed for the build: `--sync-mode`, `--strict-sync true`, `--embed-cache-refresh true` (the fixes
+    verify prints) change what a build does without changing the index's files, so a build given any
+    option runs (it finds nothing to do quickly when there is nothing). Otherwise status.up_to_date, which
+    also checks that the collection is the manifest's."""
+
+    def __init__(self, index: indexes.Index, given: dict):
+        self.index, self.given = index, given
+        self.reason = "not checked yet"
+
+    def __call__(self, task, values) -> bool:
+        current, self.reason = self._check(_split("build", _options(self.given, task))[0], values)
+        return current
+
+    def _check(self, options: dict, values) -> tuple[bool, str]:
         if not values:
-            return False
+            return False, "doit holds no record of a successful build of this index (never built, or forgotten)"
+        typed = sorted(f"--{name.replace('_', '-')}" for name, value in options.items() if not _unset(value))
+        if typed:
+            return False, f"options given for this build ({' '.join(typed)}): a build given options always runs"
         try:
             from .status import up_to_date
-            return up_to_date(indexes.resolve(index, _split("build", _options(given, task))[0]))[0]
-        except Exception:  # a bad option or input, an unreachable server: the action reports it properly
-            return False
-    return current
+            return up_to_date(indexes.resolve(self.index, options))
+        except Exception as exc:  # a bad option or input, an unreachable server: the action reports it properly
+            return False, f"could not check ({exc}); the build will say"
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def _outcome(name: str, code: int):

@@ -69,6 +69,17 @@ def load(folder: str = ".") -> list[Index]:
     return found
 
 
+def table_names(folder: str = ".") -> list[str]:
+    """The names of the index tables, read without checking anything else: a repository whose tables are
+    broken still names its doit sub-tasks, so `doit build:docs` can say what is wrong. [] when unreadable."""
+    try:
+        with open(os.path.join(folder, "pyproject.toml"), "rb") as fh:
+            named = tomllib.load(fh).get("tool", {}).get("chroma-resume", {}).get("indexes", {})
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return []
+    return [name for name in named if _NAME.match(name)] if isinstance(named, dict) else []
+
+
 def find(folder: str, name: str | None) -> Index:
     """The index a command works on: `name`, or the only one."""
     found = load(folder)

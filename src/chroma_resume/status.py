@@ -169,4 +169,18 @@ def up_to_date(c: Config) -> tuple[bool, str]:
                    for d in corpus.scan(c, Warnings(stream=quiet))}
     recorded = {uri: (e.doc_id, e.content_sha256, state.meta_sha256(e.metadata, e.source_type))
                 for uri, e in manifest.documents.items()}
-    return (current == recorded, "corpus unchanged" if current == recorded else "corpus changed")
+    if current == recorded:
+        return True, "corpus unchanged"
+    return False, f"corpus changed: {changed_documents(current, recorded)}"
+
+
+def changed_documents(current: dict, recorded: dict, shown: int = 3) -> str:
+    """`added a.md; changed b.md, c.md (+2 more); removed d.md`: which documents differ, by uri."""
+    parts = []
+    for verb, uris in (("added", sorted(set(current) - set(recorded))),
+                       ("changed", sorted(u for u in set(current) & set(recorded) if current[u] != recorded[u])),
+                       ("removed", sorted(set(recorded) - set(current)))):
+        if uris:
+            more = f" (+{len(uris) - shown} more)" if len(uris) > shown else ""
+            parts.append(f"{verb} {', '.join(uris[:shown])}{more}")
+    return "; ".join(parts)
