@@ -88,6 +88,10 @@ OPTIONS: list[tuple[str, object, str]] = [
 ]
 
 
+DRY_RUN_HELP = ("list what a build would add, change, delete and resume, by document, and stop: loads no model, "
+                "writes nothing")
+
+
 def parse_bool(value, option: str = "") -> bool:
     if isinstance(value, bool):
         return value
@@ -119,6 +123,10 @@ def describe(c: cfg.Config) -> str:
 # ---- commands ----------------------------------------------------------------------
 
 def cmd_build(c: cfg.Config, args) -> int:
+    if getattr(args, "dry_run", False):
+        from .dryrun import dry_run
+        print("\n".join(dry_run(c).lines()))
+        return 0
     from .build import build
     summary = build(c)
     for key, value in _fields(summary).items():
@@ -168,20 +176,14 @@ def cmd_status(c: cfg.Config, args) -> int:
 
 
 def cmd_verify(c: cfg.Config, args) -> int:
-    from .verify import deep_options, prepare_output, verify, write_junit, write_report
-    deep = deep_options(args.deep, args.seed, args.tolerance)
+    from .verify import prepare_output, write_junit, write_report
     given = ((args.report, write_report), (args.junit, write_junit))
     if "" in (args.report, args.junit):
         raise UsageError("--report and --junit need a file name")
     outputs = [(cfg.path(c, target), write) for target, write in given if target]
     for target, _ in outputs:  # a bad path fails now (exit 2), not after the audit
         prepare_output(target)
-    questions = _golden_questions(c, args)
-    result = verify(c, fresh=args.fresh, deep=deep, index=args.index)
-    if questions:
-        from .retrieval import evaluate
-        result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall)
-        result.checks.append(check)
+    result = checked(c, args)
     for check in result.checks:
         print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
         if check.fix:
@@ -198,6 +200,20 @@ def cmd_verify(c: cfg.Config, args) -> int:
     if result.fix:  # a server's broken store has none to run: its check says what to do
         print(f"fix: {result.fix}", file=sys.stderr)
     return 1
+
+
+def checked(c: cfg.Config, args):
+    """verify's checks, with the golden questions' retrieval check when --queries names them (the CLI,
+    doit and the Python API alike). args: fresh, deep, seed, tolerance, queries, top_k, min_recall, index."""
+    from .verify import deep_options, verify
+    deep = deep_options(args.deep, args.seed, args.tolerance)
+    questions = _golden_questions(c, args)
+    result = verify(c, fresh=args.fresh, deep=deep, index=args.index)
+    if questions:
+        from .retrieval import evaluate
+        result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall)
+        result.checks.append(check)
+    return result
 
 
 def _golden_questions(c: cfg.Config, args) -> list:
@@ -275,6 +291,8 @@ def parser() -> argparse.ArgumentParser:
             else:
                 sub.add_argument(f"--{option}", dest=dest, type=kind if kind in (int, float) else str,
                                  metavar="true|false" if kind == "bool" else None, help=option_help)
+        if name == "build":
+            sub.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
         if name == "resume-status":
             sub.add_argument("--json", action="store_true", help="one JSON object instead of key=value lines")
         if name == "verify":
@@ -301,14 +319,20 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def configured(options: dict, index: str | None = None) -> cfg.Config:
+    """The Config of given options (None = not given) over the index's tables, the environment set for it."""
+    # --root names the project: its pyproject.toml, so a printed fix runs the same from any folder
+    c = resolve_config(options, folder=options.get("root") or ".", index=index)
+    # The hub library reads this when first imported: downloads only when asked for (models.preflight
+    # refuses a hub model missing from the local cache at once, instead of a minute of retries).
+    os.environ["HF_HUB_OFFLINE"] = "0" if c.model_download else os.environ.get("HF_HUB_OFFLINE", "1")
+    return c
+
+
 def run(command: str, options: dict, extra, index: str | None = None) -> int:
     """Shared by the CLI and the doit tasks: resolve the config, show it, run the command."""
     try:
-        # --root names the project: its pyproject.toml, so a printed fix runs the same from any folder
-        c = resolve_config(options, folder=options.get("root") or ".", index=index)
-        # The hub library reads this when first imported: downloads only when asked for (models.preflight
-        # refuses a hub model missing from the local cache at once, instead of a minute of retries).
-        os.environ["HF_HUB_OFFLINE"] = "0" if c.model_download else os.environ.get("HF_HUB_OFFLINE", "1")
+        c = configured(options, index)
         machine_output = getattr(extra, "json", False)  # keep stdout one JSON object
         print(describe(c), file=sys.stderr if machine_output else sys.stdout, flush=True)
         extra.index = index  # printed fixes name the index they are about

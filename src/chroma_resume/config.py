@@ -99,6 +99,16 @@ def make_config(**options) -> Config:
     return config
 
 
+def unknown_names_error(what: str, unknown: list[str], known: list[str]) -> UsageError:
+    """`unknown keyword(s) embed_modle (did you mean embed_model?)`: a typo is answered with the nearest name."""
+    import difflib
+    named = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, known, n=1)
+        named.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return UsageError(f"unknown {what}(s) {', '.join(named)}")
+
+
 def _split_globs(key: str, value: str) -> list[str]:
     """Space-separated globs, quoted like a shell's words so a name with a space can be one glob."""
     try:

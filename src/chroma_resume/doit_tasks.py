@@ -50,6 +50,7 @@ OPTION_PARAMS = [_param(name, kind if kind in (int, float) else str,
                         help_text + (f" [{'|'.join(kind)}]" if isinstance(kind, tuple) else ""))
                  for name, kind, help_text in cli.OPTIONS]
 EXTRA_PARAMS = {
+    "build": [_flag("dry-run", cli.DRY_RUN_HELP)],
     "resume-status": [_flag("json", "one JSON object instead of key=value lines")],
     "verify": [_flag("fresh", "also fail when the corpus changed or re-chunks to other texts"),
                _param("report", str, "write one JSON report for every index verified in this run to FILE"),
@@ -271,7 +272,7 @@ class BuildCurrent:
         self.reason = "not checked yet"
 
     def __call__(self, task, values) -> bool:
-        current, self.reason = self._check(_split("build", _options(self.given, task))[0], values)
+        current, self.reason = self._check(_options(self.given, task), values)
         return current
 
     def _check(self, options: dict, values) -> tuple[bool, str]:
@@ -282,7 +283,7 @@ class BuildCurrent:
             return False, f"options given for this build ({' '.join(typed)}): a build given options always runs"
         try:
             from .status import up_to_date
-            return up_to_date(indexes.resolve(self.index, options))
+            return up_to_date(indexes.resolve(self.index, _split("build", options)[0]))
         except Exception as exc:  # a bad option or input, an unreachable server: the action reports it properly
             return False, f"could not check ({exc}); the build will say"
 

@@ -119,7 +119,7 @@ def _split(where: str, table: dict) -> tuple[dict, dict]:
     kinds = {name: kind for name, kind, _ in cli.OPTIONS}
     unknown = sorted(set(table) - set(kinds) - set(TASK_KEYS))
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise UsageError(f"{where}: {cfg.unknown_names_error('key', unknown, [*kinds, *TASK_KEYS])}")
     options, task = {}, {}
     for key, value in table.items():
         if key in TASK_KEYS:

@@ -54,10 +54,7 @@ def status(c: Config) -> dict:
     if "wal_error" in report:
         report["resume_active"], report["resume_reason"] = False, "wal_corrupt(build exits 4)"
     else:
-        decision = resume_decision(replay, mode=c.resume, schema_hash=schema, collection=c.collection,
-                                   db=cfg.db_identity(c), incarnation=_incarnation(c),
-                                   manifest_run_id=manifest.last_build.get("run_id") if manifest else None,
-                                   wal_enabled=c.wal)
+        decision = next_run(c, replay, manifest)
         report["resume_active"], report["resume_reason"] = decision.active, decision.reason
     damaged = store.damaged_files(c)
     report["store_files_ok"] = not damaged
@@ -96,6 +93,14 @@ def summary(report: dict) -> list[str]:
     if not report["store_files_ok"]:
         lines.append(f"[STATUS] Chroma folder damaged: {report['store_fix']}")
     return lines
+
+
+def next_run(c: Config, replay: wal.Replay | None, manifest: state.Manifest | None):
+    """Whether the next build would resume the WAL's run, and why (plan.ResumeDecision), read without a lock."""
+    return resume_decision(replay, mode=c.resume, schema_hash=schema_hash(c), collection=c.collection,
+                           db=cfg.db_identity(c), incarnation=_incarnation(c),
+                           manifest_run_id=manifest.last_build.get("run_id") if manifest else None,
+                           wal_enabled=c.wal)
 
 
 def _incarnation(c: Config) -> str | None:
