@@ -245,9 +245,9 @@ class _Run:
         if reset:
             if fp["schema_hash"] == self.schema and fp["space"] == c.hnsw_space:
                 self.warn("missing_state_reset", collection=c.collection, chunks=held)
-            return db.recreate(self.schema, c.hnsw_space)
+            return db.recreate(c, self.schema)
         if (fp["schema_hash"], fp["space"]) != (self.schema, c.hnsw_space):  # empty: nothing to lose
-            return db.recreate(self.schema, c.hnsw_space)
+            return db.recreate(c, self.schema)
         return db
 
     @staticmethod

@@ -233,6 +233,17 @@ def _golden_questions(c: cfg.Config, args) -> list:
     return load_questions(cfg.path(c, args.queries))
 
 
+def cmd_query(c: cfg.Config, args) -> int:
+    from .query import lines, nearest
+    hits = nearest(c, args.text, args.top_k)
+    if args.json:
+        import msgspec
+        print(json.dumps(msgspec.to_builtins(hits)))
+    else:
+        print("\n".join(lines(hits)))
+    return 0
+
+
 def cmd_clean_wal(c: cfg.Config, args) -> int:
     from .clean import clean_wal
     print(clean_wal(c, force=args.force, archive=args.archive))
@@ -264,6 +275,7 @@ COMMANDS = {
     "build": (cmd_build, "build or resume the index"),
     "resume-status": (cmd_status, "read-only report of the state, the WAL and what a build would do"),
     "verify": (cmd_verify, "check that the collection matches the manifest (CI gate)"),
+    "query": (cmd_query, "the chunks nearest to a text, with source, distance and a snippet (a quick look)"),
     "clean-wal": (cmd_clean_wal, "remove or archive the WAL of a finished run"),
     "repair": (cmd_repair, "set an unreadable embedded Chroma folder aside, rebuild it from the cache, verify"),
     "cache-stats": (cmd_cache_stats, "what the embedding cache holds, per model fingerprint (loads no model)"),
@@ -295,6 +307,10 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
         if name == "resume-status":
             sub.add_argument("--json", action="store_true", help="one JSON object instead of key=value lines")
+        if name == "query":
+            sub.add_argument("text", help="what to search for")
+            sub.add_argument("--top-k", type=int, default=5, metavar="K", help="chunks to show (default 5)")
+            sub.add_argument("--json", action="store_true", help="one JSON list of hits instead of lines")
         if name == "verify":
             sub.add_argument("--fresh", action="store_true",
                              help="also fail when the corpus changed or re-chunks to other texts")
