@@ -88,6 +88,22 @@ OPTIONS: list[tuple[str, object, str]] = [
 ]
 
 
+# --help shows the options by concern; every option of OPTIONS is in exactly one group (tests/test_cli_help.py).
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "corpus": ("root", "docs", "units", "include", "exclude", "on-read-error", "allow-empty"),
+    "chunking": ("chunk-chars", "overlap-chars", "min-chunk-chars"),
+    "model": ("embed-model", "pooling", "max-length", "backend", "device", "fp16", "embed-batch", "model-download",
+              "embed-cache", "embed-cache-refresh", "executor", "ray-address", "ray-workers", "ray-cpus-per-worker",
+              "ray-gpus-per-worker", "max-batches-in-flight"),
+    "store": ("db", "collection", "hnsw-space", "sync-mode", "strict-sync", "upsert-batch", "delete-batch",
+              "on-store-corrupt", "store-check", "chroma-host", "chroma-port", "chroma-ssl", "chroma-headers-env",
+              "chroma-tenant", "chroma-database", "chroma-timeout", "retry-for"),
+    "recovery": ("state-root", "resume", "wal", "wal-fsync", "wal-fsync-interval", "keep-wal", "write-state",
+                 "on-missing-state", "schema-change"),
+    "output": ("progress", "embed-log"),
+}
+KEEP_HELP = ("current (default): keep the entries of every model an index sharing this cache uses, drop the "
+             "rest; all: keep every model's entries (with --older-than-days, drop only by age)")
 DRY_RUN_HELP = ("list what a build would add, change, delete and resume, by document, and stop: loads no model, "
                 "writes nothing")
 
@@ -211,7 +227,8 @@ def checked(c: cfg.Config, args):
     result = verify(c, fresh=args.fresh, deep=deep, index=args.index)
     if questions:
         from .retrieval import evaluate
-        result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall)
+        result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall,
+                                           args.index)
         result.checks.append(check)
     return result
 
@@ -292,17 +309,29 @@ EXIT_CODES = ("exit codes: 0 ok, 1 a check failed (verify, --strict-sync), 2 usa
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
     top = argparse.ArgumentParser(prog="chroma-resume", description=ABOUT, epilog=EXIT_CODES)
+    top.add_argument("--version", action="version", version=f"chroma-resume {__version__}")
     subs = top.add_subparsers(dest="command", required=True)
+    kinds = {option: (kind, option_help) for option, kind, option_help in OPTIONS}
     for name, (_, help_text) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
-        for option, kind, option_help in OPTIONS:
-            dest = option.replace("-", "_")
-            if isinstance(kind, tuple):
-                sub.add_argument(f"--{option}", dest=dest, choices=kind, help=option_help)
-            else:
-                sub.add_argument(f"--{option}", dest=dest, type=kind if kind in (int, float) else str,
-                                 metavar="true|false" if kind == "bool" else None, help=option_help)
+        which = sub.add_argument_group("which index")
+        which.add_argument("--index", metavar="NAME", help="which [tool.chroma-resume.indexes.NAME] table to use")
+        if name != "query":
+            which.add_argument("--all", action="store_true",
+                               help="every index of pyproject.toml, one after another (exit: the most serious)")
+        for group, names in OPTION_GROUPS.items():
+            options = sub.add_argument_group(f"{group} options")
+            for option in names:
+                kind, option_help = kinds[option]
+                dest = option.replace("-", "_")
+                if isinstance(kind, tuple):
+                    options.add_argument(f"--{option}", dest=dest, choices=kind, help=option_help)
+                else:
+                    options.add_argument(f"--{option}", dest=dest, type=kind if kind in (int, float) else str,
+                                         metavar="true|false" if kind == "bool" else None, help=option_help)
+        sub = sub.add_argument_group(f"{name} options")
         if name == "build":
             sub.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
         if name == "resume-status":
@@ -328,10 +357,8 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help="also remove an unfinished run's WAL")
             sub.add_argument("--archive", metavar="DIR", help="gzip the WAL into DIR instead of deleting it")
         if name == "cache-prune":
-            sub.add_argument("--keep", choices=("current", "all"), default="current",
-                             help="current: only this model fingerprint's entries (default); all: every model's")
+            sub.add_argument("--keep", choices=("current", "all"), default="current", help=KEEP_HELP)
             sub.add_argument("--older-than-days", type=float, metavar="N", help="also drop entries unused for N days")
-        sub.add_argument("--index", metavar="NAME", help="which [tool.chroma-resume.indexes.NAME] table to use")
     return top
 
 
@@ -364,9 +391,39 @@ def run(command: str, options: dict, extra, index: str | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     options = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in OPTIONS}
+    if getattr(args, "all", False):
+        return _every_index(args, options)
     if args.command == "verify":
         _gate_defaults(args)
     return run(args.command, options, args, args.index)
+
+
+def _every_index(args, options: dict) -> int:
+    """`--all`: the command for each index of pyproject.toml in table order; every index runs, and the exit
+    code is the most serious of theirs (an interrupt stops at once)."""
+    from types import SimpleNamespace
+
+    from . import indexes
+    try:
+        if args.index:
+            raise UsageError("give --index NAME or --all, not both")
+        if getattr(args, "report", None) or getattr(args, "junit", None):
+            raise UsageError("--all writes no --report/--junit: `doit verify --report FILE` writes one for every index")
+        names = [index.name for index in indexes.load(args.root or ".")]
+    except ChromaResumeError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    codes = []
+    for name in names:
+        print(f"[INDEX] {name or 'default'}", flush=True)
+        each = SimpleNamespace(**vars(args))
+        each.index = name
+        if args.command == "verify":
+            _gate_defaults(each)
+        codes.append(run(args.command, dict(options), each, name))
+        if codes[-1] == 130:
+            break
+    return max(codes, key=lambda code: (code == 130, code))
 
 
 def _gate_defaults(args) -> None:

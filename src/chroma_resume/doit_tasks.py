@@ -64,8 +64,7 @@ EXTRA_PARAMS = {
                _param("min-recall", float, "fail when recall@k of the golden questions is below R (default 0)")],
     "clean-wal": [_flag("force", "also remove an unfinished run's WAL"),
                   _param("archive", str, "gzip the WAL into DIR instead of deleting it")],
-    "cache-prune": [_param("keep", str, "current: the entries of every index's model that shares this cache; "
-                                        "all: every model's [current|all]"),
+    "cache-prune": [_param("keep", str, cli.KEEP_HELP + " [current|all]"),
                     _param("older-than-days", float, "also drop entries unused for N days")],
 }
 

@@ -109,9 +109,21 @@ def resolve(index: Index, given: dict, root: str | None = None) -> cfg.Config:
     try:
         return cfg.make_config(**merged)
     except UsageError as exc:
-        if index.name is None:
-            raise
-        raise UsageError(f"{index.table}: {exc}") from None
+        raise UsageError(_blame(index, configured, stated, exc)) from None
+
+
+def _blame(index: Index, configured: dict, stated: dict, exc: UsageError) -> str:
+    """Name where the bad value came from: the table when its values alone fail, else the options given
+    (command line, doit option, API keyword), with the table named when it supplied the rest."""
+    try:
+        cfg.make_config(**configured)
+    except UsageError:
+        return f"{index.table}: {exc}" if configured else str(exc)
+    if not stated:
+        return f"{index.table}: {exc}"
+    given = " ".join(f"--{name}" for name in stated if name != "root")
+    rest = f"; the other values from {index.table}" if configured else ""
+    return f"{exc} (given: {given or '--root'}{rest})"
 
 
 def _split(where: str, table: dict) -> tuple[dict, dict]:
