@@ -47,7 +47,11 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("overlap-chars", int, "overlap between chunks (default 150)"),
     ("min-chunk-chars", int, "smallest chunk worth keeping (default 200)"),
     ("hnsw-space", ("cosine", "l2", "ip"), "distance of a new collection (default cosine)"),
-    ("sync-mode", ("incremental", "delete-stale", "none"), "what to sync (default incremental)"),
+    ("sync-mode", ("incremental", "rewrite-all", "none", "delete-stale"),
+     "incremental (default): embed added and changed documents, delete the chunks of changed and removed ones; "
+     "rewrite-all: the same, and every other chunk written again (vectors from the cache: mends rows Chroma lost "
+     "or garbled); none: add and change only, delete nothing (kept for a later run to delete). delete-stale is "
+     "the old name of rewrite-all"),
     ("on-missing-state", ("reset", "fail", "full-upsert"), "manifest missing but collection not empty"),
     ("schema-change", ("reset", "fail"), "LATEST differs from this configuration's schema"),
     ("delete-batch", int, "ids per delete call (default 500)"),
