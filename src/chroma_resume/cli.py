@@ -148,14 +148,33 @@ def cmd_build(c: cfg.Config, args) -> int:
         print("\n".join(dry_run(c).lines()))
         return 0
     from .build import build
-    summary = build(c)
-    for key, value in _fields(summary).items():
-        print(f"{key}={value}")
+    text = sys.stderr if args.json else sys.stdout  # stdout: one JSON object, with --json
+    summary = build(c, out=text)
+    fields = _fields(summary)
+    # One write per summary, headed by its index: under `doit -n 2` two builds' summaries never interleave.
+    if args.json:
+        print(json.dumps(fields), flush=True)
+        print(finished(c, summary, args.index), file=sys.stderr, flush=True)
+    else:
+        print("\n".join([f"[SUMMARY] index {args.index or c.collection}",
+                         *(f"{key}={value}" for key, value in fields.items()), finished(c, summary, args.index)]),
+              flush=True)
     if summary.store_set_aside:  # a rebuilt store must prove itself before anyone uses it
         return _verified(c, args.index)
     if summary.docs_processed == 0 and summary.chunks_deleted == 0:
-        print("[BUILD] up to date: nothing embedded, nothing deleted")
+        print("[BUILD] up to date: nothing embedded, nothing deleted", file=text)
     return 0
+
+
+def finished(c: cfg.Config, summary, index: str | None) -> str:
+    """The build's end in words, and the next step: what a person reads; the key=value lines are for scripts."""
+    from .commands import command_line
+    done = (f"[DONE] collection {c.collection!r} in {cfg.db_identity(c)} holds {summary.docs_current} document(s), "
+            f"{summary.expected_chunks} chunk(s); this run embedded {summary.chunks_embedded}, took "
+            f"{summary.chunks_from_cache} from the cache and deleted {summary.chunks_deleted} in "
+            f"{summary.elapsed_sec:.1f} s.")
+    return (f"{done} Next: check it with `{command_line(c, 'verify', index=index)}`, search it with "
+            f"`{command_line(c, 'query', 'your question', index=index)}`")
 
 
 def cmd_repair(c: cfg.Config, args) -> int:
@@ -338,6 +357,8 @@ def parser() -> argparse.ArgumentParser:
         sub = sub.add_argument_group(f"{name} options")
         if name == "build":
             sub.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+            sub.add_argument("--json", action="store_true", help="the summary as one JSON object instead of key=value "
+                                                                 "lines (the sentence in words goes to stderr)")
         if name == "resume-status":
             sub.add_argument("--json", action="store_true", help="one JSON object instead of key=value lines")
         if name == "query":

@@ -50,7 +50,8 @@ OPTION_PARAMS = [_param(name, kind if kind in (int, float) else str,
                         help_text + (f" [{'|'.join(kind)}]" if isinstance(kind, tuple) else ""))
                  for name, kind, help_text in cli.OPTIONS]
 EXTRA_PARAMS = {
-    "build": [_flag("dry-run", cli.DRY_RUN_HELP)],
+    "build": [_flag("dry-run", cli.DRY_RUN_HELP),
+              _flag("json", "the summary as one JSON object instead of key=value lines")],
     "resume-status": [_flag("json", "one JSON object instead of key=value lines")],
     "verify": [_flag("fresh", "also fail when the corpus changed or re-chunks to other texts"),
                _param("report", str, "write one JSON report for every index verified in this run to FILE"),
