@@ -119,7 +119,19 @@ def test_cache_stats_options_reach_every_index(built, way):
     result = doit(built, *WAYS[way]("cache-stats", "--embed-cache", "elsewhere.sqlite3"))
     assert result.returncode == 0, result.stdout + result.stderr
     paths = [line.split("=", 1)[1] for line in result.stdout.splitlines() if line.startswith("path=")]
-    assert len(paths) == 2 and all(p.endswith("elsewhere.sqlite3") for p in paths), result.stdout
+    assert paths and all(p.endswith("elsewhere.sqlite3") for p in paths), result.stdout
+    if way == "group":  # one cache file, shared by both indexes: its figures once, and a pointer
+        assert len(paths) == 1
+        assert f"cache-stats:notes: the cache {paths[0]} of cache-stats:docs, shown above" in result.stdout
+    else:  # options typed for each sub-task: each shows its own
+        assert len(paths) == 2
+
+
+def test_cache_stats_shows_a_shared_cache_once_and_each_sub_task_still_answers(built):
+    both = doit(built, "cache-stats")
+    assert [line.startswith("path=") for line in both.stdout.splitlines()].count(True) == 1, both.stdout
+    alone = doit(built, "cache-stats:notes")  # the index that shares it: the figures come with it
+    assert alone.returncode == 0 and "entries=" in alone.stdout and "shown above" in alone.stdout
 
 
 @pytest.mark.parametrize("way", WAYS)

@@ -165,9 +165,44 @@ def _tasks(command: str, given: dict, run: str = ""):
     planned = {index.name or "default": f"{command}:{index.name}" if index.name else command for index in found}
     if found[0].name is None:
         return {"basename": command, **_task(command, found[0], given, (run, planned))}
+    shown_by = _first_sharing_cache(found, given) if command == "cache-stats" else {}
     return ({"basename": command, "name": index.name, "params": _params(command),
-             "doc": f"{command} index {index.name} ({index.table})", **_task(command, index, given, (run, planned))}
+             "doc": f"{command} index {index.name} ({index.table})",
+             **(_shared_cache_task(index.name, given, shown_by[index.name]) if index.name in shown_by
+                else _task(command, index, given, (run, planned)))}
             for index in found)
+
+
+def _first_sharing_cache(found: list[indexes.Index], given: dict) -> dict[str, tuple[str, str]]:
+    """index -> (the earlier index whose embedding cache file it shares, that file): one cache's figures are
+    shown once, by the first index that uses it."""
+    from .cache import cache_path
+    first: dict[str, str] = {}
+    shared = {}
+    for index in found:
+        try:
+            path = cache_path(indexes.resolve(index, _split("cache-stats", given)[0]))
+        except ChromaResumeError:
+            continue  # the task itself reports it
+        if path in first:
+            shared[index.name] = (first[path], path)
+        first.setdefault(path, index.name)
+    return shared
+
+
+def _shared_cache_task(name: str, given: dict, shown_by: tuple[str, str]) -> dict:
+    """cache-stats of an index whose cache file an earlier index's sub-task shows: that one runs first."""
+    return {"actions": [functools.partial(_stats_once, name, given, shown_by)],
+            "task_dep": [f"cache-stats:{shown_by[0]}"], "uptodate": [False], "verbosity": 2}
+
+
+def _stats_once(name: str, given: dict, shown_by: tuple[str, str], task):
+    """Points at the figures shown above; options typed for this sub-task alone may name another cache, so
+    then its own figures."""
+    if any(not _unset(value) for value in (task.options or {}).values()):
+        return _run("cache-stats", name, given, task)
+    print(f"cache-stats:{name}: the cache {shown_by[1]} of cache-stats:{shown_by[0]}, shown above", flush=True)
+    return {"exit_code": 0}
 
 
 _SHOWN: set[str] = set()  # pyproject errors already shown while doit loaded this run's tasks
