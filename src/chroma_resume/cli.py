@@ -92,7 +92,7 @@ OPTIONS: list[tuple[str, object, str]] = [
 ]
 
 
-# --help shows the options by concern; every option of OPTIONS is in exactly one group (tests/test_cli_help.py).
+# --help shows the options by concern; every option of OPTIONS is in exactly one group (tests/test_cli_newcomer.py).
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "corpus": ("root", "docs", "units", "include", "exclude", "on-read-error", "allow-empty"),
     "chunking": ("chunk-chars", "overlap-chars", "min-chunk-chars"),
