@@ -157,3 +157,17 @@ print(json.dumps({"meta": meta, "unregistered": unregistered, "hits": hits}))
                            "chroma_resume:dim": 384}
     assert "Embedding function chroma_resume not found" in got["unregistered"]  # an error, not a wrong ranking
     assert got["hits"] == ["tea.md", "rivers.md", "resume.md"]
+
+
+def test_dry_run_after_a_killed_build_lists_what_would_be_resumed(corpus):
+    import signal
+    killed = run_cli(["build", "--docs", "corpus", "--collection", "test", "--embed-model", "hash:32",
+                      "--upsert-batch", "2"], cwd=corpus,
+                     env={"CHROMA_RESUME_FAILPOINTS": "wal.after_append:DOC_COMMITTED@3=kill"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    before = files(corpus)
+    plan = chroma_resume.build(root=str(corpus), dry_run=True, upsert_batch=2, **HASH)
+    assert len(plan.resumed) == 3 and len(plan.added) == 5 and plan.resume_reason == "wal_resumable"
+    assert files(corpus) == before
+    resumed = chroma_resume.build(root=str(corpus), upsert_batch=2, **HASH)
+    assert resumed.docs_resumed_skipped == 3 and resumed.docs_processed == 5

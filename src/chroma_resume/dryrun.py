@@ -26,6 +26,8 @@ class DryRun(msgspec.Struct, kw_only=True):
     changed: list[str]
     deleted: list[str]
     resumed: list[str]
+    restored: list[str]  # the WAL says their chunks may have been deleted: put back
+    rewritten: list[str]  # unchanged, written again (--sync-mode rewrite-all)
     unchanged: int
     kept_unreadable: list[str]
     resume_reason: str  # plan.ResumeDecision.reason: why the WAL's run is (not) resumed
@@ -33,12 +35,15 @@ class DryRun(msgspec.Struct, kw_only=True):
 
     def lines(self) -> list[str]:
         """One line in words, then one line per document: `add doc.md`, `change …`, `delete …`, `resume …`."""
+        more = "".join(f", {verb} {len(uris)}" for verb, uris in (("restore", self.restored),
+                                                                   ("rewrite", self.rewritten)) if uris)
         head = (f"[DRY-RUN] collection {self.collection!r} in {self.db}: a build would add {len(self.added)}, "
-                f"change {len(self.changed)}, delete {len(self.deleted)}, resume {len(self.resumed)} and leave "
+                f"change {len(self.changed)}, delete {len(self.deleted)}, resume {len(self.resumed)}{more} and leave "
                 f"{self.unchanged} unchanged document(s) (resume: {self.resume_reason}); no model loaded, "
                 f"nothing written")
         rows = [f"{verb:<8}{uri}" for verb, uris in (("add", self.added), ("change", self.changed),
                                                       ("delete", self.deleted), ("resume", self.resumed),
+                                                      ("restore", self.restored), ("rewrite", self.rewritten),
                                                       ("keep", self.kept_unreadable)) for uri in uris]
         return [head, *rows, *([f"[DRY-RUN] {self.store_note}"] if self.store_note else [])]
 
@@ -63,9 +68,9 @@ def dry_run(c: Config, warn: Warnings | None = None) -> DryRun:
     deleted = sorted(uri for uri in (manifest.documents if manifest else {}) if uri not in present
                      and not listing.unread(uri)) if c.sync_mode != "none" else []
     return DryRun(collection=c.collection, db=cfg.db_identity(c), added=sorted(by_kind.get("added", [])),
-                  changed=sorted({*by_kind.get("changed", []), *by_kind.get("refresh", []),
-                                  *by_kind.get("meta", []), *by_kind.get("restore", [])}),
+                  changed=sorted({*by_kind.get("changed", []), *by_kind.get("meta", [])}),
                   deleted=deleted, resumed=sorted(by_kind.get("resumed", [])),
+                  restored=sorted(by_kind.get("restore", [])), rewritten=sorted(by_kind.get("refresh", [])),
                   unchanged=len(by_kind.get("unchanged", [])), kept_unreadable=sorted(by_kind.get("kept", [])),
                   resume_reason=decision.reason, store_note=_store_note(c, manifest))
 
