@@ -79,7 +79,7 @@ def _collection(folder: Path, s: Scenario, final: bool = True):
     import chromadb
     from chromadb.api.client import SharedSystemClient
 
-    from chroma_resume import config
+    from chroma_resume import chroma_function, config  # noqa: F401  registers the collections' embedding function
 
     try:
         c = engine_config(folder, s, final)
