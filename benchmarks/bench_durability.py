@@ -99,7 +99,8 @@ def write_docs(folder: Path, n: int) -> None:
 
 def one_build(work: Path, sync: str, batch: int, run: int) -> tuple[float, int]:
     """A cold build into its own folders (chromadb keeps a client per path in this process)."""
-    from chroma_resume import build, cache, config
+    from chroma_resume import cache, config
+    from chroma_resume.build import build
 
     original = cache._connect
 
@@ -114,7 +115,7 @@ def one_build(work: Path, sync: str, batch: int, run: int) -> tuple[float, int]:
                                collection=COLLECTION, embed_model="hash:384", upsert_batch=batch, progress="off")
         started = time.perf_counter()
         with open(os.devnull, "w") as quiet:
-            s = build.build(c, out=quiet, err=quiet)
+            s = build(c, out=quiet, err=quiet)
         return time.perf_counter() - started, s.chunks_embedded
     finally:
         cache._connect = original

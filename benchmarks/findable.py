@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
 import os
 import random
 import subprocess
@@ -32,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from chroma_resume import config as cfg  # noqa: E402
-from chroma_resume import store, verify  # noqa: E402
+from chroma_resume import store  # noqa: E402
+verify = importlib.import_module("chroma_resume.verify")  # the module; chroma_resume.verify is the API
 from chroma_resume.verify import NEIGHBOURS, RECALL_FLOOR, _Findable, _Space  # noqa: E402
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud harbor lantern "

@@ -49,7 +49,8 @@ class Diff:
 
 def read(folder: Path, s: Scenario, final: bool = True) -> Facts:
     """`final`: with the options of the runs after the crash (else those of the first run)."""
-    from chroma_resume import state, store, verify
+    from chroma_resume import state, store
+    from chroma_resume.verify import verify
 
     c = engine_config(folder, s, final)
     with _collection(folder, s, final) as col:
@@ -59,7 +60,7 @@ def read(folder: Path, s: Scenario, final: bool = True) -> Facts:
         space = ((col.configuration or {}).get("hnsw") or {}).get("space") or (col.metadata or {}).get("hnsw:space")
         fingerprint = (col.metadata or {}).get(store.SCHEMA_KEY)
         with contextlib.redirect_stdout(io.StringIO()):
-            result = verify.verify(c)
+            result = verify(c)
     paths = state.paths(c)
     manifest = state.load_manifest(paths["manifest"])
     documents = {uri: (e.doc_id, e.content_sha256, e.n_chunks) for uri, e in (manifest.documents if manifest else {}).items()}
@@ -78,7 +79,7 @@ def _collection(folder: Path, s: Scenario, final: bool = True):
     import chromadb
     from chromadb.api.client import SharedSystemClient
 
-    from chroma_resume import config
+    from chroma_resume import chroma_function, config  # noqa: F401  registers the collections' embedding function
 
     try:
         c = engine_config(folder, s, final)

@@ -176,5 +176,5 @@ def test_a_broken_table_is_a_task_error_naming_the_table_and_key(project):
     result = doit(project, "build")
     assert result.returncode == 2, result.stdout + result.stderr  # a task error (usage), not a failed check
     assert "[tool.chroma-resume.indexes.docs] chunk-chars: Expected `int`, got `str`" in result.stderr
-    assert "build: exit 2 (usage or input error)" in result.stdout + result.stderr
+    assert "build:docs: exit 2 (usage or input error)" in result.stdout + result.stderr  # the sub-task typed, named
     assert not (project / ".chroma").exists()

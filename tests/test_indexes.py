@@ -46,7 +46,7 @@ min-recall = 0.8
      "[tool.chroma-resume.indexes.docs]: unknown key(s) chunk_size"),
     ("[tool.chroma-resume.indexes.docs]\nchunk-chars = 'big'\n", "[tool.chroma-resume.indexes.docs] chunk-chars: Expected `int`"),
     ("[tool.chroma-resume.indexes.docs]\nsync-mode = 'sometimes'\n",
-     "[tool.chroma-resume.indexes.docs] sync-mode: expected one of incremental|delete-stale|none"),
+     "[tool.chroma-resume.indexes.docs] sync-mode: expected one of incremental|rewrite-all|none|delete-stale"),
     ("[tool.chroma-resume.indexes.docs]\ntask-dep = 'gen'\n",
      "[tool.chroma-resume.indexes.docs] task-dep: expected a list of strings"),
     ("[tool.chroma-resume.indexes.docs]\nmin-recall = 2\n",

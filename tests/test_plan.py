@@ -95,7 +95,7 @@ def test_edit_reverted_after_crash_keeps_manifest_generation_and_drops_the_other
     assert d.action == "unchanged" and [g.content_sha256 for g in d.old_generations] == [A2]
 
 
-@pytest.mark.parametrize("mode, action, stale", [("delete-stale", "embed", 1), ("none", "unchanged", 0)])
+@pytest.mark.parametrize("mode, action, stale", [("rewrite-all", "embed", 1), ("none", "unchanged", 0)])
 def test_sync_modes(mode, action, stale):
     plan = make_plan([doc("same", A1), doc("edit", A2)], {"same": entry("same", A1, 1), "edit": entry("edit", A1, 1),
                                                            "gone": entry("gone", A1, 1)}, None, mode)

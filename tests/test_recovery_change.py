@@ -310,7 +310,8 @@ def test_doit_sees_a_metadata_or_doc_id_change_as_work(tmp_path):
     assert up_to_date(c)[0]
     for change in ({"metadata": {"lang": "fr"}}, {"doc_id": "renamed"}, {"source_type": "faq"}):
         (tmp_path / "units.jsonl").write_text(json.dumps({**rows[0], **change}) + "\n")
-        assert up_to_date(c) == (False, "corpus changed"), change
+        current, reason = up_to_date(c)
+        assert not current and reason.startswith("corpus changed: "), change
 
 
 def test_a_corrupt_cached_vector_is_a_miss(tmp_path, built):

@@ -2,6 +2,7 @@
 from the embedding cache; and a finished build has fsynced every file a cut could empty."""
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_repair_verb_rebuilds_and_verifies(broken):
 
 def test_a_finished_build_has_fsynced_every_chroma_file_before_its_manifest(tmp_path, monkeypatch):
     """Durable finish, observed: which paths were fsynced, in what order."""
-    from chroma_resume import build as engine
+    engine = importlib.import_module("chroma_resume.build")  # the module; chroma_resume.build is the API
     from chroma_resume import cli
 
     write_corpus(tmp_path / "corpus", 40, seed=2, sizes=(400, 900, 1500))

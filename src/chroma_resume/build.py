@@ -207,7 +207,8 @@ class _Run:
                                    f"them so)")
             if deep and not c.chroma_host:
                 rows = store.check_deep(c)
-                print(f"[STORE] checked deeply (unclean end or --store-check deep): {rows} rows, each with its "
+                why = "as asked (--store-check deep, or repair)" if c.store_check == "deep" else "after an unclean end"
+                print(f"[STORE] checked deeply {why}: {rows} rows, each with its "
                       f"vector, the vector index agrees", file=self.out, flush=True)
             else:
                 store.probe(c)
@@ -245,9 +246,9 @@ class _Run:
         if reset:
             if fp["schema_hash"] == self.schema and fp["space"] == c.hnsw_space:
                 self.warn("missing_state_reset", collection=c.collection, chunks=held)
-            return db.recreate(self.schema, c.hnsw_space)
+            return db.recreate(c, self.schema)
         if (fp["schema_hash"], fp["space"]) != (self.schema, c.hnsw_space):  # empty: nothing to lose
-            return db.recreate(self.schema, c.hnsw_space)
+            return db.recreate(c, self.schema)
         return db
 
     @staticmethod

@@ -48,7 +48,11 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("overlap-chars", int, "overlap between chunks (default 150)"),
     ("min-chunk-chars", int, "smallest chunk worth keeping (default 200)"),
     ("hnsw-space", ("cosine", "l2", "ip"), "distance of a new collection (default cosine)"),
-    ("sync-mode", ("incremental", "delete-stale", "none"), "what to sync (default incremental)"),
+    ("sync-mode", ("incremental", "rewrite-all", "none", "delete-stale"),
+     "incremental (default): embed added and changed documents, delete the chunks of changed and removed ones; "
+     "rewrite-all: the same, and every other chunk written again (vectors from the cache: mends rows Chroma lost "
+     "or garbled); none: add and change only, delete nothing (kept for a later run to delete). delete-stale is "
+     "the old name of rewrite-all"),
     ("on-missing-state", ("reset", "fail", "full-upsert"), "manifest missing but collection not empty"),
     ("schema-change", ("reset", "fail"), "LATEST differs from this configuration's schema"),
     ("delete-batch", int, "ids per delete call (default 500)"),
@@ -89,6 +93,26 @@ OPTIONS: list[tuple[str, object, str]] = [
 ]
 
 
+# --help shows the options by concern; every option of OPTIONS is in exactly one group (tests/test_cli_newcomer.py).
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "corpus": ("root", "docs", "units", "include", "exclude", "on-read-error", "allow-empty"),
+    "chunking": ("chunk-chars", "overlap-chars", "min-chunk-chars"),
+    "model": ("embed-model", "pooling", "max-length", "backend", "device", "fp16", "embed-batch", "model-download",
+              "embed-cache", "embed-cache-refresh", "executor", "ray-address", "ray-workers", "ray-cpus-per-worker",
+              "ray-gpus-per-worker", "max-batches-in-flight"),
+    "store": ("db", "collection", "hnsw-space", "sync-mode", "strict-sync", "upsert-batch", "delete-batch",
+              "on-store-corrupt", "store-check", "chroma-host", "chroma-port", "chroma-ssl", "chroma-headers-env",
+              "chroma-tenant", "chroma-database", "chroma-timeout", "retry-for"),
+    "recovery": ("state-root", "resume", "wal", "wal-fsync", "wal-fsync-interval", "keep-wal", "write-state",
+                 "on-missing-state", "schema-change"),
+    "output": ("progress", "embed-log"),
+}
+KEEP_HELP = ("current (default): keep the entries of every model an index sharing this cache uses, drop the "
+             "rest; all: keep every model's entries (with --older-than-days, drop only by age)")
+DRY_RUN_HELP = ("list what a build would add, change, delete and resume, by document, and stop: loads no model, "
+                "writes nothing")
+
+
 def parse_bool(value, option: str = "") -> bool:
     if isinstance(value, bool):
         return value
@@ -120,15 +144,38 @@ def describe(c: cfg.Config) -> str:
 # ---- commands ----------------------------------------------------------------------
 
 def cmd_build(c: cfg.Config, args) -> int:
+    if getattr(args, "dry_run", False):
+        from .dryrun import dry_run
+        print("\n".join(dry_run(c).lines()))
+        return 0
     from .build import build
-    summary = build(c)
-    for key, value in _fields(summary).items():
-        print(f"{key}={value}")
+    text = sys.stderr if args.json else sys.stdout  # stdout: one JSON object, with --json
+    summary = build(c, out=text)
+    fields = _fields(summary)
+    # One write per summary, headed by its index: under `doit -n 2` two builds' summaries never interleave.
+    if args.json:
+        print(json.dumps(fields), flush=True)
+        print(finished(c, summary, args.index), file=sys.stderr, flush=True)
+    else:
+        print("\n".join([f"[SUMMARY] index {args.index or c.collection}",
+                         *(f"{key}={value}" for key, value in fields.items()), finished(c, summary, args.index)]),
+              flush=True)
     if summary.store_set_aside:  # a rebuilt store must prove itself before anyone uses it
         return _verified(c, args.index)
     if summary.docs_processed == 0 and summary.chunks_deleted == 0:
-        print("[BUILD] up to date: nothing embedded, nothing deleted")
+        print("[BUILD] up to date: nothing embedded, nothing deleted", file=text)
     return 0
+
+
+def finished(c: cfg.Config, summary, index: str | None) -> str:
+    """The build's end in words, and the next step: what a person reads; the key=value lines are for scripts."""
+    from .commands import command_line
+    done = (f"[DONE] collection {c.collection!r} in {cfg.db_identity(c)} holds {summary.docs_current} document(s), "
+            f"{summary.expected_chunks} chunk(s); this run embedded {summary.chunks_embedded}, took "
+            f"{summary.chunks_from_cache} from the cache and deleted {summary.chunks_deleted} in "
+            f"{summary.elapsed_sec:.1f} s.")
+    return (f"{done} Next: check it with `{command_line(c, 'verify', index=index)}`, search it with "
+            f"`{command_line(c, 'query', 'your question', index=index)}`")
 
 
 def cmd_repair(c: cfg.Config, args) -> int:
@@ -169,20 +216,14 @@ def cmd_status(c: cfg.Config, args) -> int:
 
 
 def cmd_verify(c: cfg.Config, args) -> int:
-    from .verify import deep_options, prepare_output, verify, write_junit, write_report
-    deep = deep_options(args.deep, args.seed, args.tolerance)
+    from .verify import prepare_output, write_junit, write_report
     given = ((args.report, write_report), (args.junit, write_junit))
     if "" in (args.report, args.junit):
         raise UsageError("--report and --junit need a file name")
     outputs = [(cfg.path(c, target), write) for target, write in given if target]
     for target, _ in outputs:  # a bad path fails now (exit 2), not after the audit
         prepare_output(target)
-    questions = _golden_questions(c, args)
-    result = verify(c, fresh=args.fresh, deep=deep, index=args.index)
-    if questions:
-        from .retrieval import evaluate
-        result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall)
-        result.checks.append(check)
+    result = checked(c, args)
     for target, write in outputs:  # first: CI reads them whatever happens to the console
         write(result, target)
     for check in result.checks:
@@ -201,6 +242,21 @@ def cmd_verify(c: cfg.Config, args) -> int:
     return 1
 
 
+def checked(c: cfg.Config, args):
+    """verify's checks, with the golden questions' retrieval check when --queries names them (the CLI,
+    doit and the Python API alike). args: fresh, deep, seed, tolerance, queries, top_k, min_recall, index."""
+    from .verify import deep_options, verify
+    deep = deep_options(args.deep, args.seed, args.tolerance)
+    questions = _golden_questions(c, args)
+    result = verify(c, fresh=args.fresh, deep=deep, index=args.index)
+    if questions:
+        from .retrieval import evaluate
+        result.retrieval, check = evaluate(c, cfg.path(c, args.queries), questions, args.top_k, args.min_recall,
+                                           args.index)
+        result.checks.append(check)
+    return result
+
+
 def _golden_questions(c: cfg.Config, args) -> list:
     """verify --queries FILE.jsonl (with --top-k, --min-recall): read and checked before the audit."""
     if getattr(args, "queries", None) is None:
@@ -216,6 +272,17 @@ def _golden_questions(c: cfg.Config, args) -> list:
     if args.top_k < 1 or not 0.0 <= args.min_recall <= 1.0:
         raise cfg.UsageError("--top-k must be at least 1 and --min-recall between 0 and 1")
     return load_questions(cfg.path(c, args.queries))
+
+
+def cmd_query(c: cfg.Config, args) -> int:
+    from .query import lines, nearest
+    hits = nearest(c, args.text, args.top_k)
+    if args.json:
+        import msgspec
+        print(json.dumps(msgspec.to_builtins(hits)))
+    else:
+        print("\n".join(lines(hits)))
+    return 0
 
 
 def cmd_clean_wal(c: cfg.Config, args) -> int:
@@ -249,6 +316,7 @@ COMMANDS = {
     "build": (cmd_build, "build or resume the index"),
     "resume-status": (cmd_status, "read-only report of the state, the WAL and what a build would do"),
     "verify": (cmd_verify, "check that the collection matches the manifest (CI gate)"),
+    "query": (cmd_query, "the chunks nearest to a text, with source, distance and a snippet (a quick look)"),
     "clean-wal": (cmd_clean_wal, "remove or archive the WAL of a finished run"),
     "repair": (cmd_repair, "set an unreadable embedded Chroma folder aside, rebuild it from the cache, verify"),
     "cache-stats": (cmd_cache_stats, "what the embedding cache holds, per model fingerprint (loads no model)"),
@@ -265,19 +333,39 @@ EXIT_CODES = ("exit codes: 0 ok, 1 a check failed (verify, --strict-sync), 2 usa
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
     top = argparse.ArgumentParser(prog="chroma-resume", description=ABOUT, epilog=EXIT_CODES)
+    top.add_argument("--version", action="version", version=f"chroma-resume {__version__}")
     subs = top.add_subparsers(dest="command", required=True)
+    kinds = {option: (kind, option_help) for option, kind, option_help in OPTIONS}
     for name, (_, help_text) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
-        for option, kind, option_help in OPTIONS:
-            dest = option.replace("-", "_")
-            if isinstance(kind, tuple):
-                sub.add_argument(f"--{option}", dest=dest, choices=kind, help=option_help)
-            else:
-                sub.add_argument(f"--{option}", dest=dest, type=kind if kind in (int, float) else str,
-                                 metavar="true|false" if kind == "bool" else None, help=option_help)
+        which = sub.add_argument_group("which index")
+        which.add_argument("--index", metavar="NAME", help="which [tool.chroma-resume.indexes.NAME] table to use")
+        if name != "query":
+            which.add_argument("--all", action="store_true",
+                               help="every index of pyproject.toml, one after another (exit: the most serious)")
+        for group, names in OPTION_GROUPS.items():
+            options = sub.add_argument_group(f"{group} options")
+            for option in names:
+                kind, option_help = kinds[option]
+                dest = option.replace("-", "_")
+                if isinstance(kind, tuple):
+                    options.add_argument(f"--{option}", dest=dest, choices=kind, help=option_help)
+                else:
+                    options.add_argument(f"--{option}", dest=dest, type=kind if kind in (int, float) else str,
+                                         metavar="true|false" if kind == "bool" else None, help=option_help)
+        sub = sub.add_argument_group(f"{name} options")
+        if name == "build":
+            sub.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+            sub.add_argument("--json", action="store_true", help="the summary as one JSON object instead of key=value "
+                                                                 "lines (the sentence in words goes to stderr)")
         if name == "resume-status":
             sub.add_argument("--json", action="store_true", help="one JSON object instead of key=value lines")
+        if name == "query":
+            sub.add_argument("text", help="what to search for")
+            sub.add_argument("--top-k", type=int, default=5, metavar="K", help="chunks to show (default 5)")
+            sub.add_argument("--json", action="store_true", help="one JSON list of hits instead of lines")
         if name == "verify":
             sub.add_argument("--fresh", action="store_true",
                              help="also fail when the corpus changed or re-chunks to other texts")
@@ -295,22 +383,26 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help="also remove an unfinished run's WAL")
             sub.add_argument("--archive", metavar="DIR", help="gzip the WAL into DIR instead of deleting it")
         if name == "cache-prune":
-            sub.add_argument("--keep", choices=("current", "all"), default="current",
-                             help="current: only this model fingerprint's entries (default); all: every model's")
+            sub.add_argument("--keep", choices=("current", "all"), default="current", help=KEEP_HELP)
             sub.add_argument("--older-than-days", type=float, metavar="N", help="also drop entries unused for N days")
-        sub.add_argument("--index", metavar="NAME", help="which [tool.chroma-resume.indexes.NAME] table to use")
     return top
+
+
+def configured(options: dict, index: str | None = None) -> cfg.Config:
+    """The Config of given options (None = not given) over the index's tables, the environment set for it."""
+    # --root names the project: its pyproject.toml, so a printed fix runs the same from any folder
+    c = resolve_config(options, folder=options.get("root") or ".", index=index)
+    # The hub library reads this when first imported: downloads only when asked for (models.preflight
+    # refuses a hub model missing from the local cache at once, instead of a minute of retries).
+    os.environ["HF_HUB_OFFLINE"] = "0" if c.model_download else os.environ.get("HF_HUB_OFFLINE", "1")
+    return c
 
 
 def run(command: str, options: dict, extra, index: str | None = None) -> int:
     """Shared by the CLI and the doit tasks: resolve the config, show it, run the command."""
     make_output_safe()  # a path the console's code page cannot hold must not end the run
     try:
-        # --root names the project: its pyproject.toml, so a printed fix runs the same from any folder
-        c = resolve_config(options, folder=options.get("root") or ".", index=index)
-        # The hub library reads this when first imported: downloads only when asked for (models.preflight
-        # refuses a hub model missing from the local cache at once, instead of a minute of retries).
-        os.environ["HF_HUB_OFFLINE"] = "0" if c.model_download else os.environ.get("HF_HUB_OFFLINE", "1")
+        c = configured(options, index)
         machine_output = getattr(extra, "json", False)  # keep stdout one JSON object
         print(describe(c), file=sys.stderr if machine_output else sys.stdout, flush=True)
         extra.index = index  # printed fixes name the index they are about
@@ -326,9 +418,39 @@ def run(command: str, options: dict, extra, index: str | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     options = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in OPTIONS}
+    if getattr(args, "all", False):
+        return _every_index(args, options)
     if args.command == "verify":
         _gate_defaults(args)
     return run(args.command, options, args, args.index)
+
+
+def _every_index(args, options: dict) -> int:
+    """`--all`: the command for each index of pyproject.toml in table order; every index runs, and the exit
+    code is the most serious of theirs (an interrupt stops at once)."""
+    from types import SimpleNamespace
+
+    from . import indexes
+    try:
+        if args.index:
+            raise UsageError("give --index NAME or --all, not both")
+        if getattr(args, "report", None) or getattr(args, "junit", None):
+            raise UsageError("--all writes no --report/--junit: `doit verify --report FILE` writes one for every index")
+        names = [index.name for index in indexes.load(args.root or ".")]
+    except ChromaResumeError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    codes = []
+    for name in names:
+        print(f"[INDEX] {name or 'default'}", flush=True)
+        each = SimpleNamespace(**vars(args))
+        each.index = name
+        if args.command == "verify":
+            _gate_defaults(each)
+        codes.append(run(args.command, dict(options), each, name))
+        if codes[-1] == 130:
+            break
+    return max(codes, key=lambda code: (code == 130, code))
 
 
 def _gate_defaults(args) -> None:

@@ -53,7 +53,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     overlap_chars: int = 150
     min_chunk_chars: int = 200
     hnsw_space: Literal["cosine", "l2", "ip"] = "cosine"
-    sync_mode: Literal["incremental", "delete-stale", "none"] = "incremental"
+    sync_mode: Literal["incremental", "rewrite-all", "none"] = "incremental"
     on_missing_state: Literal["reset", "fail", "full-upsert"] = "reset"
     schema_change: Literal["reset", "fail"] = "reset"
     delete_batch: int = 500
@@ -83,9 +83,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     backend: Literal["auto", "torch", "onnx", "onnx-int8", "torch-bf16"] = "auto"
 
 
+SYNC_MODE_ALIASES = {"delete-stale": "rewrite-all"}  # old names, still accepted
+
+
 def make_config(**options) -> Config:
     """Build a validated Config from option values (None means 'use the default')."""
     given = {k.replace("-", "_"): v for k, v in options.items() if v is not None}
+    if given.get("sync_mode") in SYNC_MODE_ALIASES:
+        given["sync_mode"] = SYNC_MODE_ALIASES[given["sync_mode"]]
     for key in ("include", "exclude"):
         if isinstance(given.get(key), (list, str)):
             value = given[key]
@@ -97,6 +102,16 @@ def make_config(**options) -> Config:
         raise UsageError(f"invalid option: {named}") from None
     _check(config)
     return config
+
+
+def unknown_names_error(what: str, unknown: list[str], known: list[str]) -> UsageError:
+    """`unknown keyword(s) embed_modle (did you mean embed_model?)`: a typo is answered with the nearest name."""
+    import difflib
+    named = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, known, n=1)
+        named.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return UsageError(f"unknown {what}(s) {', '.join(named)}")
 
 
 def _split_globs(key: str, value: str) -> list[str]:

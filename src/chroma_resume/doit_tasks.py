@@ -49,6 +49,8 @@ OPTION_PARAMS = [_param(name, kind if kind in (int, float) else str,
                         help_text + (f" [{'|'.join(kind)}]" if isinstance(kind, tuple) else ""))
                  for name, kind, help_text in cli.OPTIONS]
 EXTRA_PARAMS = {
+    "build": [_flag("dry-run", cli.DRY_RUN_HELP),
+              _flag("json", "the summary as one JSON object instead of key=value lines")],
     "resume-status": [_flag("json", "one JSON object instead of key=value lines")],
     "verify": [_flag("fresh", "also fail when the corpus changed or re-chunks to other texts"),
                _param("report", str, "write one JSON report for every index verified in this run to FILE"),
@@ -62,8 +64,7 @@ EXTRA_PARAMS = {
                _param("min-recall", float, "fail when recall@k of the golden questions is below R (default 0)")],
     "clean-wal": [_flag("force", "also remove an unfinished run's WAL"),
                   _param("archive", str, "gzip the WAL into DIR instead of deleting it")],
-    "cache-prune": [_param("keep", str, "current: the entries of every index's model that shares this cache; "
-                                        "all: every model's [current|all]"),
+    "cache-prune": [_param("keep", str, cli.KEEP_HELP + " [current|all]"),
                     _param("older-than-days", float, "also drop entries unused for N days")],
 }
 
@@ -72,43 +73,57 @@ def _params(command: str) -> list[dict]:
     return OPTION_PARAMS + EXTRA_PARAMS.get(command, [])
 
 
-@task_params(_params("build"))
+def _creator(command: str):
+    """Name the creator's tasks `command` for doit, options included.
+
+    doit names a task after its creator function (`task_resume_status` -> `resume_status`) and hands the
+    options typed after a name only to the creator of that name, so `doit resume-status --json` reached no
+    creator and was dropped (pydoit/doit#434). An object whose `create_doit_tasks` carries a `basename` is
+    named by that basename instead: the name users type, options and all, for every task alike."""
+    def named(function):
+        function.basename = command
+        task_params(_params(command))(function)
+        return SimpleNamespace(create_doit_tasks=function)
+    return named
+
+
+@_creator("build")
 def task_build(**given):
     """Build or resume the Chroma index of each corpus (up to date when nothing changed)."""
     return _tasks("build", given)
 
 
-@task_params(_params("resume-status"))
+@_creator("resume-status")
 def task_resume_status(**given):
     """Read-only report of manifest, WAL and what the next build would resume."""
     return _tasks("resume-status", given)
 
 
-@task_params(_params("verify"))
+@_creator("verify")
 def task_verify(**given):
     """CI gate: fail unless each collection holds exactly what its manifest implies."""
     return _tasks("verify", given, run=uuid.uuid4().hex)
 
 
-@task_params(_params("clean-wal"))
+@_creator("clean-wal")
 def task_clean_wal(**given):
     """Remove or archive the WAL of a finished run (--force for an unfinished one)."""
     return _tasks("clean-wal", given)
 
 
-@task_params(_params("repair"))
+@_creator("repair")
 def task_repair(**given):
     """Set an unreadable embedded Chroma folder aside, rebuild it from the embedding cache, verify."""
     return _tasks("repair", given)
 
 
-@task_params(_params("cache-stats"))
+@_creator("cache-stats")
 def task_cache_stats(**given):
     """What the embedding cache holds, per model fingerprint (loads no model)."""
     return _tasks("cache-stats", given)
 
 
-@task_params(_params("cache-prune"))
+@_creator("cache-prune")
 def task_cache_prune(**given):
     """Drop embedding cache entries of models no index uses (--keep current) or unused for N days, then vacuum."""
     return _tasks("cache-prune", given)
@@ -139,31 +154,85 @@ def _crash_matrix_command(scenario, points, workers, report, real_model_rows, se
 
 
 # ---- one task, or a sub-task per index -------------------------------------------------------
-# Actions and up-to-date checks are module-level functions bound with functools.partial, never
-# closures: `doit -n 2` pickles each task for its worker processes, and Windows' only start
-# method (spawn) cannot pickle a closure.
+# Actions and up-to-date checks are module-level callables bound with functools.partial, never closures:
+# `doit -n 2` pickles each task for its worker processes, and Windows' only start method (spawn) cannot
+# pickle a closure.
 
 def _tasks(command: str, given: dict, run: str = ""):
     try:
         found = indexes.load(".")
-    except ChromaResumeError as exc:  # a broken table: every task says so when run (doit list still works)
-        error = exc
-        return {"basename": command, "actions": [functools.partial(_refused, command, error)], "uptodate": [False],
-                "verbosity": 2}
+    except ChromaResumeError as exc:
+        return _refusing_tasks(command, exc)
     planned = {index.name or "default": f"{command}:{index.name}" if index.name else command for index in found}
     if found[0].name is None:
         return {"basename": command, **_task(command, found[0], given, (run, planned))}
+    shown_by = _first_sharing_cache(found, given) if command == "cache-stats" else {}
     return ({"basename": command, "name": index.name, "params": _params(command),
-             "doc": f"{command} index {index.name} ({index.table})", **_task(command, index, given, (run, planned))}
+             "doc": f"{command} index {index.name} ({index.table})",
+             **(_shared_cache_task(index.name, given, shown_by[index.name]) if index.name in shown_by
+                else _task(command, index, given, (run, planned)))}
             for index in found)
+
+
+def _first_sharing_cache(found: list[indexes.Index], given: dict) -> dict[str, tuple[str, str]]:
+    """index -> (the earlier index whose embedding cache file it shares, that file): one cache's figures are
+    shown once, by the first index that uses it."""
+    from .cache import cache_path
+    first: dict[str, str] = {}
+    shared = {}
+    for index in found:
+        try:
+            path = cache_path(indexes.resolve(index, _split("cache-stats", given)[0]))
+        except ChromaResumeError:
+            continue  # the task itself reports it
+        if path in first:
+            shared[index.name] = (first[path], path)
+        first.setdefault(path, index.name)
+    return shared
+
+
+def _shared_cache_task(name: str, given: dict, shown_by: tuple[str, str]) -> dict:
+    """cache-stats of an index whose cache file an earlier index's sub-task shows: that one runs first."""
+    return {"actions": [functools.partial(_stats_once, name, given, shown_by)],
+            "task_dep": [f"cache-stats:{shown_by[0]}"], "uptodate": [False], "verbosity": 2}
+
+
+def _stats_once(name: str, given: dict, shown_by: tuple[str, str], task):
+    """Points at the figures shown above; options typed for this sub-task alone may name another cache, so
+    then its own figures."""
+    if any(not _unset(value) for value in (task.options or {}).values()):
+        return _run("cache-stats", name, given, task)
+    print(f"cache-stats:{name}: the cache {shown_by[1]} of cache-stats:{shown_by[0]}, shown above", flush=True)
+    return {"exit_code": 0}
+
+
+_SHOWN: set[str] = set()  # pyproject errors already shown while doit loaded this run's tasks
+
+
+def _refusing_tasks(command: str, error: ChromaResumeError):
+    """A broken pyproject: each task, and each sub-task its index tables name, refuses when run (exit 2,
+    naming file, table and key), so `doit build:docs` says what is wrong instead of doit's
+    `Invalid parameter: "build:docs"`. The error is also shown once while doit loads, so a task name no
+    table makes any more (or a file too broken to name its tables) still meets the cause; `doit list` works."""
+    if str(error) not in _SHOWN:
+        _SHOWN.add(str(error))
+        print(f"error: {error} (every chroma-resume task refuses until it is fixed)", file=sys.stderr, flush=True)
+    names = indexes.table_names(".")
+    if not names:
+        return {"basename": command, "actions": [functools.partial(_refused, command, error)], "uptodate": [False],
+                "verbosity": 2}
+    return ({"basename": command, "name": name, "actions": [functools.partial(_refused, f"{command}:{name}", error)],
+             "uptodate": [False], "verbosity": 2, "params": _params(command)} for name in names)
 
 
 def _task(command: str, index: indexes.Index, given: dict, run: tuple[str, dict]) -> dict:
     if command == "build":
-        return {"actions": [_action(command, index, given)], "uptodate": [_current(index, given)],
+        return {"actions": [functools.partial(_run, command, index.name, given)],
+                "uptodate": [BuildCurrent(index, given)],
                 "task_dep": list(index.task.get("task-dep", [])), "file_dep": list(index.task.get("file-dep", [])),
                 "verbosity": 2}
-    action = _verify_action(index, given, run) if command == "verify" else _action(command, index, given)
+    action = functools.partial(_verify, index, given, run) if command == "verify" else \
+        functools.partial(_run, command, index.name, given)
     return {"actions": [action], "uptodate": [False], "verbosity": 2}
 
 
@@ -184,19 +253,12 @@ def _split(command: str, options: dict) -> tuple[dict, SimpleNamespace]:
             SimpleNamespace(**{k: options.get(k) for k in extra}))
 
 
-def _action(command: str, index: indexes.Index, given: dict):
-    return functools.partial(_run, command, index, given)
-
-
-def _run(command: str, index: indexes.Index, given: dict, task):
+def _run(command: str, index: str | None, given: dict, task):
+    """The action of every task but verify: the CLI's command with the options typed for this task."""
     config_options, extra = _split(command, _options(given, task))
     if command == "cache-prune" and extra.keep is None:
         extra.keep = "current"
-    return _outcome(task.name, cli.run(command, config_options, extra, index.name))
-
-
-def _verify_action(index: indexes.Index, given: dict, run: tuple[str, dict]):
-    return functools.partial(_verify, index, given, run)
+    return _outcome(task.name, cli.run(command, config_options, extra, index))
 
 
 def _verify(index: indexes.Index, given: dict, run: tuple[str, dict], task):
@@ -231,20 +293,38 @@ def _read(path: str) -> dict | None:
         return None  # verify stopped before its report (exit 2, 5): the exit code says why
 
 
-def _current(index: indexes.Index, given: dict):
-    """doit's up-to-date check: never true without a successful run recorded by doit (so `doit forget`
-    works), and otherwise status.up_to_date, which also checks that the collection is the manifest's."""
-    return functools.partial(_is_current, index, given)
+class BuildCurrent:
+    """doit's up-to-date check of one index's build; as text (what `doit info build:docs` shows) the reason
+    in words that it last gave.
 
+    Never up to date without a successful run recorded by doit (so `doit forget` works) or when options
+    were typed for the build: `--sync-mode`, `--strict-sync true`, `--embed-cache-refresh true` (the fixes
+    verify prints) change what a build does without changing the index's files, so a build given any
+    option runs (it finds nothing to do quickly when there is nothing). Otherwise status.up_to_date, which
+    also checks that the collection is the manifest's."""
 
-def _is_current(index: indexes.Index, given: dict, task, values) -> bool:
-    if not values:
-        return False
-    try:
-        from .status import up_to_date
-        return up_to_date(indexes.resolve(index, _split("build", _options(given, task))[0]))[0]
-    except Exception:  # a bad option or input, an unreachable server: the action reports it properly
-        return False
+    def __init__(self, index: indexes.Index, given: dict):
+        self.index, self.given = index, given
+        self.reason = "not checked yet"
+
+    def __call__(self, task, values) -> bool:
+        current, self.reason = self._check(_options(self.given, task), values)
+        return current
+
+    def _check(self, options: dict, values) -> tuple[bool, str]:
+        if not values:
+            return False, "doit holds no record of a successful build of this index (never built, or forgotten)"
+        typed = sorted(f"--{name.replace('_', '-')}" for name, value in options.items() if not _unset(value))
+        if typed:
+            return False, f"options given for this build ({' '.join(typed)}): a build given options always runs"
+        try:
+            from .status import up_to_date
+            return up_to_date(indexes.resolve(self.index, _split("build", options)[0]))
+        except Exception as exc:  # a bad option or input, an unreachable server: the action reports it properly
+            return False, f"could not check ({exc}); the build will say"
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def _outcome(name: str, code: int):

@@ -69,6 +69,17 @@ def load(folder: str = ".") -> list[Index]:
     return found
 
 
+def table_names(folder: str = ".") -> list[str]:
+    """The names of the index tables, read without checking anything else: a repository whose tables are
+    broken still names its doit sub-tasks, so `doit build:docs` can say what is wrong. [] when unreadable."""
+    try:
+        with open(os.path.join(folder, "pyproject.toml"), "rb") as fh:
+            named = tomllib.load(fh).get("tool", {}).get("chroma-resume", {}).get("indexes", {})
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return []
+    return [name for name in named if _NAME.match(name)] if isinstance(named, dict) else []
+
+
 def find(folder: str, name: str | None) -> Index:
     """The index a command works on: `name`, or the only one."""
     found = load(folder)
@@ -98,9 +109,21 @@ def resolve(index: Index, given: dict, root: str | None = None) -> cfg.Config:
     try:
         return cfg.make_config(**merged)
     except UsageError as exc:
-        if index.name is None:
-            raise
-        raise UsageError(f"{index.table}: {exc}") from None
+        raise UsageError(_blame(index, configured, stated, exc)) from None
+
+
+def _blame(index: Index, configured: dict, stated: dict, exc: UsageError) -> str:
+    """Name where the bad value came from: the table when its values alone fail, else the options given
+    (command line, doit option, API keyword), with the table named when it supplied the rest."""
+    try:
+        cfg.make_config(**configured)
+    except UsageError:
+        return f"{index.table}: {exc}" if configured else str(exc)
+    if not stated:
+        return f"{index.table}: {exc}"
+    given = " ".join(f"--{name}" for name in stated if name != "root")
+    rest = f"; the other values from {index.table}" if configured else ""
+    return f"{exc} (given: {given or '--root'}{rest})"
 
 
 def _split(where: str, table: dict) -> tuple[dict, dict]:
@@ -108,7 +131,7 @@ def _split(where: str, table: dict) -> tuple[dict, dict]:
     kinds = {name: kind for name, kind, _ in cli.OPTIONS}
     unknown = sorted(set(table) - set(kinds) - set(TASK_KEYS))
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise UsageError(f"{where}: {cfg.unknown_names_error('key', unknown, [*kinds, *TASK_KEYS])}")
     options, task = {}, {}
     for key, value in table.items():
         if key in TASK_KEYS:

@@ -180,7 +180,7 @@ class Pipeline:
         """What to write and where its vectors come from: a row Chroma holds with the same text
         keeps its own vector (only metadata changes: rewritten whole, so no stale key survives),
         a re-keyed row takes the old doc_id's, then the cache, then the model. A refresh
-        (--sync-mode delete-stale) rewrites every row."""
+        (--sync-mode rewrite-all) rewrites every row."""
         held = self.db.held([ch.id for ch in batch], include=("metadatas", "documents"))
 
         def same_text(ch: Chunk) -> bool:

@@ -132,7 +132,7 @@ def _document(doc: Document, known: DocEntry | None, live: dict[str, _Known], sy
     if in_place and current.state == "committed":
         return DocAction(**base, action="resumed", kind="changed" if known is None or not _same(known, doc) else "unchanged",
                          n_chunks=current.gen.n_chunks)
-    if in_place and sync_mode != "delete-stale":
+    if in_place and sync_mode != "rewrite-all":
         return DocAction(**base, action="unchanged", kind="unchanged", n_chunks=current.gen.n_chunks)
     if known is None:
         kind = "added"

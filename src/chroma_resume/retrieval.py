@@ -18,6 +18,7 @@ from __future__ import annotations
 import msgspec
 
 from . import embedding, state, store
+from .commands import command_line
 from .config import Config
 from .errors import UsageError
 from .verify import Check
@@ -89,13 +90,15 @@ def query_instruction(model: str) -> str:
 
 
 def evaluate(c: Config, path: str, questions: list[Question], k: int = DEFAULT_TOP_K,
-             min_recall: float = 0.0) -> tuple[Retrieval | None, Check]:
-    """Ask the index every question; the check fails when mean recall@k is under min_recall."""
+             min_recall: float = 0.0, index: str | None = None) -> tuple[Retrieval | None, Check]:
+    """Ask the index every question; the check fails when mean recall@k is under min_recall. Before any
+    build it fails and creates nothing (no Chroma folder is opened that does not exist), and its fix is the
+    build command of the options in effect, which runs as printed."""
     manifest = state.load_manifest(state.paths(c)["manifest"])
-    db = store.open_store(c)
+    db = None if manifest is None or store.embedded_store_missing(c) else store.open_store(c)
     if manifest is None or db is None:
         return None, Check("retrieval", False, f"no {'manifest' if manifest is None else 'collection'} to ask",
-                           "doit build (or chroma-resume build)")
+                           command_line(c, "build", index=index))
     doc_of_uri = {uri: entry.doc_id for uri, entry in manifest.documents.items()}
     embedder = embedding.load(c)
     prefix = query_instruction(c.embed_model)

@@ -54,10 +54,7 @@ def status(c: Config) -> dict:
     if "wal_error" in report:
         report["resume_active"], report["resume_reason"] = False, "wal_corrupt(build exits 4)"
     else:
-        decision = resume_decision(replay, mode=c.resume, schema_hash=schema, collection=c.collection,
-                                   db=cfg.db_identity(c), incarnation=_incarnation(c),
-                                   manifest_run_id=manifest.last_build.get("run_id") if manifest else None,
-                                   wal_enabled=c.wal)
+        decision = next_run(c, replay, manifest)
         report["resume_active"], report["resume_reason"] = decision.active, decision.reason
     damaged = store.damaged_files(c)
     report["store_files_ok"] = not damaged
@@ -96,6 +93,14 @@ def summary(report: dict) -> list[str]:
     if not report["store_files_ok"]:
         lines.append(f"[STATUS] Chroma folder damaged: {report['store_fix']}")
     return lines
+
+
+def next_run(c: Config, replay: wal.Replay | None, manifest: state.Manifest | None):
+    """Whether the next build would resume the WAL's run, and why (plan.ResumeDecision), read without a lock."""
+    return resume_decision(replay, mode=c.resume, schema_hash=schema_hash(c), collection=c.collection,
+                           db=cfg.db_identity(c), incarnation=_incarnation(c),
+                           manifest_run_id=manifest.last_build.get("run_id") if manifest else None,
+                           wal_enabled=c.wal)
 
 
 def _incarnation(c: Config) -> str | None:
@@ -169,4 +174,18 @@ def up_to_date(c: Config) -> tuple[bool, str]:
                    for d in corpus.scan(c, Warnings(stream=quiet))}
     recorded = {uri: (e.doc_id, e.content_sha256, state.meta_sha256(e.metadata, e.source_type))
                 for uri, e in manifest.documents.items()}
-    return (current == recorded, "corpus unchanged" if current == recorded else "corpus changed")
+    if current == recorded:
+        return True, "corpus unchanged"
+    return False, f"corpus changed: {changed_documents(current, recorded)}"
+
+
+def changed_documents(current: dict, recorded: dict, shown: int = 3) -> str:
+    """`added a.md; changed b.md, c.md (+2 more); removed d.md`: which documents differ, by uri."""
+    parts = []
+    for verb, uris in (("added", sorted(set(current) - set(recorded))),
+                       ("changed", sorted(u for u in set(current) & set(recorded) if current[u] != recorded[u])),
+                       ("removed", sorted(set(recorded) - set(current)))):
+        if uris:
+            more = f" (+{len(uris) - shown} more)" if len(uris) > shown else ""
+            parts.append(f"{verb} {', '.join(uris[:shown])}{more}")
+    return "; ".join(parts)

@@ -154,12 +154,18 @@ class Store:
         meta = {k: v for k, v in meta.items() if v is not None}
         _retry(self.where, "modify", lambda: self.collection.modify(metadata=meta))
 
-    def recreate(self, schema: str, space: str) -> "Store":
+    def recreate(self, c: Config, schema: str) -> "Store":
         """Drop the collection and create it anew with this config's space and fingerprint:
         never the old collection's metadata (it would carry the old schema along)."""
         name = self.collection.name
         _retry(self.where, "delete_collection", lambda: self.client.delete_collection(name))
-        return Store(self.client, _create(self.client, self.where, name, schema, space), self.where)
+        return Store(self.client, _create(self.client, self.where, c, schema), self.where)
+
+    def search(self, vector, k: int) -> list[tuple[str, float, str | None, dict]]:
+        """The k chunks nearest to one vector as (id, distance, document, metadata): `chroma-resume query`."""
+        found = _retry(self.where, "query", lambda: self.collection.query(
+            query_embeddings=[vector], n_results=k, include=["distances", "documents", "metadatas"]))
+        return list(zip(found["ids"][0], found["distances"][0], found["documents"][0], found["metadatas"][0]))
 
     def nearest(self, vectors: Sequence, k: int) -> list[list[tuple[str, float, str | None]]]:
         """Per query vector, the k chunks Chroma's index returns as (id, distance, document): what a search finds."""
@@ -465,6 +471,8 @@ def client(c: Config):
     """A chromadb client for the config, and the Endpoint its calls are retried against."""
     import chromadb  # imported lazily: status and plan-only paths never need it
 
+    from . import chroma_function  # noqa: F401  registers the index's embedding function (collections name it)
+
     # tenant and database only when given: chromadb's defaults otherwise
     scope = {k: v for k, v in (("tenant", c.chroma_tenant), ("database", c.chroma_database)) if v}
     if not c.chroma_host:
@@ -567,7 +575,7 @@ def open_store(c: Config, schema: str | None = None) -> Store | None:
     if collection is None:
         if schema is None:
             return None
-        collection = _create(chroma_client, where, c.collection, schema, c.hnsw_space)
+        collection = _create(chroma_client, where, c, schema)
     return Store(chroma_client, collection, where)
 
 
@@ -581,15 +589,22 @@ def _get_or_none(chroma_client, name: str):
         raise
 
 
-def _create(chroma_client, where: str, name: str, schema: str, space: str):
-    metadata = {SPACE_KEY: space, SPACE_COPY_KEY: space, SCHEMA_KEY: schema, INCARNATION_KEY: uuid.uuid4().hex[:16]}
+def _create(chroma_client, where: str, c: Config, schema: str):
+    """A new collection carrying its fingerprint, what made its vectors (metadata any client can read) and the
+    index's embedding function (chroma_function.py), so a plain client's text query embeds with its model."""
+    from .chroma_function import IndexEmbeddingFunction, describe
+    from .models import preflight
+    name, space = c.collection, c.hnsw_space
+    metadata = {SPACE_KEY: space, SPACE_COPY_KEY: space, SCHEMA_KEY: schema, INCARNATION_KEY: uuid.uuid4().hex[:16],
+                **describe(c, preflight(c).dim)}
+    function = IndexEmbeddingFunction.for_config(c)
     try:
-        return chroma_client.create_collection(name, metadata=metadata, embedding_function=None)
+        return chroma_client.create_collection(name, metadata=metadata, embedding_function=function)
     except ValueError as exc:
         raise UsageError(f"collection {name!r}: {exc}") from None
     except Exception:
         return _retry(where, "create_collection", lambda: chroma_client.get_or_create_collection(
-            name, metadata=metadata, embedding_function=None))
+            name, metadata=metadata, embedding_function=function))
 
 
 # ---- retries -----------------------------------------------------------------------------

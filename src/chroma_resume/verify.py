@@ -63,10 +63,10 @@ class Fixes:
         self.build_emptying = build(allow_empty=True)
         self.resume = self.build  # a build resumes an unfinished run (clean-wal --force discards it instead)
         self.reconcile = build(strict_sync=True)  # compares id sets: deletes orphans, restores missing chunks
-        self.rewrite = build(sync_mode="delete-stale")  # re-writes every chunk, vectors from the cache
+        self.rewrite = build(sync_mode="rewrite-all")  # re-writes every chunk, vectors from the cache
         # The stored vectors disagree with the model: cached vectors may be what is wrong (a flipped bit that is
         # still a unit vector, weights changed in place), so every vector is computed again and the cache corrected.
-        self.reembed = build(sync_mode="delete-stale", embed_cache_refresh=True)
+        self.reembed = build(sync_mode="rewrite-all", embed_cache_refresh=True)
         self.repair = command_line(c, "repair", index=index, **repairing)
         # Chroma's search graph itself is damaged: updating rows in place mends it only partly (measured), a
         # collection created anew and filled from the cache restores it. With the manifest set aside (kept
