@@ -1,0 +1,70 @@
+"""Issue 24: copies of a store, state shared across databases, refusals that come too late.
+
+Each test reproduces one defect of the third adversarial pass with the real CLI and real Chroma,
+and ends compared with a clean build (rows read back in a fresh process) or with what a refused
+run must leave untouched.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import HASH_BUILD, collection_rows, run_cli, summary, write_corpus
+from test_trust_evidence import UNITS, clean_rows, unit_rows, write_units
+
+pytestmark = pytest.mark.timeout(300)
+KILL_AFTER_FIRST_UPSERT = {"CHROMA_RESUME_FAILPOINTS": "store.after_upsert@1=kill"}
+
+
+def _flip_killed(tmp_path: Path) -> Path:
+    """Six units documents built with lang=en, flipped to fr, and that build killed after its first upsert."""
+    root = tmp_path / "run"
+    root.mkdir()
+    write_units(root, unit_rows("en"))
+    assert run_cli(["build", *UNITS, "--upsert-batch", "2"], cwd=root).returncode == 0
+    write_units(root, unit_rows("fr"))
+    killed = run_cli(["build", *UNITS, "--upsert-batch", "2"], cwd=root, env=KILL_AFTER_FIRST_UPSERT)
+    assert killed.returncode == -signal.SIGKILL
+    return root
+
+
+def test_a_backup_taken_mid_run_is_not_vouched_for_by_the_finished_runs_manifest(tmp_path):
+    """The resumed run keeps its id, so its manifest proves that some copy finished it, not this one."""
+    root = _flip_killed(tmp_path)
+    shutil.copytree(root / ".chroma", root / "db.backup", symlinks=True)
+    assert run_cli(["build", *UNITS, "--upsert-batch", "2"], cwd=root).returncode == 0
+    shutil.rmtree(root / ".chroma")
+    (root / "db.backup").rename(root / ".chroma")
+    after = run_cli(["build", *UNITS, "--upsert-batch", "2"], cwd=root)
+    assert after.returncode == 0, after.stderr
+    assert collection_rows(root / ".chroma", "test") == clean_rows(tmp_path, root, UNITS)
+
+
+def test_a_copy_finished_elsewhere_does_not_vouch_for_the_original(tmp_path):
+    root = _flip_killed(tmp_path)
+    shutil.copytree(root / ".chroma", root / "copy", symlinks=True)
+    assert run_cli(["build", *UNITS, "--upsert-batch", "2", "--db", "copy"], cwd=root).returncode == 0
+    after = run_cli(["build", *UNITS, "--upsert-batch", "2"], cwd=root)
+    assert after.returncode == 0, after.stderr
+    golden = clean_rows(tmp_path, root, UNITS)
+    assert collection_rows(root / ".chroma", "test") == golden
+    assert collection_rows(root / "copy", "test") == golden
+
+
+def test_the_final_reconcile_sees_same_id_rewrites_the_plan_trusted(tmp_path):
+    """Defence in depth: with the audit planted off, the backup's rows of the same ids carry the old
+    metadata; comparing ids alone passes them, the reconcile compares their metadata and rewrites them."""
+    root = _flip_killed(tmp_path)
+    shutil.copytree(root / ".chroma", root / "db.backup", symlinks=True)
+    assert run_cli(["build", *UNITS, "--upsert-batch", "2"], cwd=root).returncode == 0
+    shutil.rmtree(root / ".chroma")
+    (root / "db.backup").rename(root / ".chroma")
+    after = run_cli(["build", *UNITS, "--upsert-batch", "2"], cwd=root,
+                    env={"CHROMA_RESUME_FAILPOINTS": "bug.skip_audit=on"})
+    assert after.returncode == 0 and "key=rows_differ_after_build" in after.stderr, after.stderr
+    assert int(summary(after.stdout)["chunks_metadata_updated"]) > 0
+    assert collection_rows(root / ".chroma", "test") == clean_rows(tmp_path, root, UNITS)
+
