@@ -183,6 +183,9 @@ def _split(command: str, options: dict) -> tuple[dict, SimpleNamespace]:
 def _action(command: str, index: indexes.Index, given: dict):
     def action(task):
         config_options, extra = _split(command, _options(given, task))
+        if command in ("build", "repair") and (shared := indexes.group_refusal(
+                index.name, config_options, _split(command, given)[0])):
+            return _refused(task.name, shared)
         if command == "cache-prune" and extra.keep is None:
             extra.keep = "current"
         return _outcome(task.name, cli.run(command, config_options, extra, index.name))

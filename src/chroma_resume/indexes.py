@@ -151,15 +151,38 @@ def _task_value(where: str, key: str, value):
     return value
 
 
-def _refuse_shared_collections(found: list[Index]) -> None:
+def _refuse_shared_collections(found: list[Index], given: dict | None = None) -> None:
+    """Two indexes writing one collection of one database would delete each other's documents.
+    `given`: index name -> the options its task receives besides its tables (None: the tables alone)."""
     seen: dict[tuple, Index] = {}
     for index in found:
-        c = resolve(index, {})
+        options = (given or {}).get(index.name, {})
+        c = resolve(index, options)
         key = (cfg.db_identity(c), c.collection)
         if key in seen:
+            stated = sorted(f"--{k.replace('_', '-')} {v}" for k, v in options.items()
+                            if v is not None and k.replace("_", "-") in ("collection", "db", "chroma-host",
+                                                                          "chroma-port", "chroma-database",
+                                                                          "chroma-tenant", "root"))
+            by = f" (with {', '.join(stated)} given to every index)" if stated else ""
             raise UsageError(f"{seen[key].table} and {index.table}: both write collection {c.collection!r} of "
-                             f"{key[0]}; give each index its own collection")
+                             f"{key[0]}{by}; give each index its own collection")
         seen[key] = index
+
+
+def group_refusal(own: str | None, own_options: dict, group_options: dict, folder: str = ".") -> UsageError | None:
+    """The refusal of the tables' shared-collection check, made on the effective options of every
+    sub-task of a doit group: `doit build --collection X` gives X to each index, and their builds
+    would then delete each other's documents. Index `own` runs with `own_options` (the group's and
+    its own), every other index with the group's. None when each still writes its own collection."""
+    found = load(folder)
+    if found[0].name is None:
+        return None
+    try:
+        _refuse_shared_collections(found, {i.name: own_options if i.name == own else group_options for i in found})
+    except UsageError as exc:
+        return exc
+    return None
 
 
 def fingerprints_sharing_cache(c: cfg.Config, folder: str = ".") -> list[str]:
