@@ -126,3 +126,14 @@ def test_a_model_folder_that_cannot_load_is_refused_before_the_reset(tmp_path, f
     assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
     assert state_after(root) == before
+
+
+@pytest.mark.parametrize("key", ["$price", "#doc", "$and", "#document"])
+def test_a_metadata_key_chroma_refuses_is_refused_at_read_time_naming_line_and_key(tmp_path, key):
+    rows = unit_rows("en", n=3)
+    rows[1]["metadata"] = {"lang": "en", key: 1}
+    write_units(tmp_path, rows)
+    refused = run_cli(["build", *UNITS], cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert f"units.jsonl:2: metadata key {key!r}" in refused.stderr, refused.stderr
+    assert not (tmp_path / ".chroma").exists()
