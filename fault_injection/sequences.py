@@ -6,7 +6,8 @@ Where the crash matrix varies one crash and one change, a sequence chains many (
 sequence may end with exit 0 over an index that differs from a clean build). Each step changes
 the world (a units JSONL corpus: text edits, metadata flips, doc_id re-keys, adds, removes, reverts
 to an earlier corpus, a doc_id carried to another source_uri; options: chunking, distance space,
-model, sync mode; the --db folder moved) and then runs one build in some mode: to completion,
+model, sync mode; the --db folder moved; folders backed up, restored (db only, state only, both),
+copied and switched to, often right after a kill) and then runs one build in some mode: to completion,
 SIGKILLed at a random boundary (a failpoint and hit number drawn at random: a boundary never
 reached means the run finished), a torn WAL append, a kill under `--wal-fsync off|interval`
 followed by power loss (the WAL cut back to its last observed fsync), SIGTERM, `--write-state
@@ -57,6 +58,7 @@ TORN_EVENTS = ("DOC_BEGIN", "UPSERT_BATCH_COMMITTED", "DOC_COMMITTED", "DELETE_O
 # Run modes, with their weights: most steps crash somewhere.
 MODES = {"finish": 2, "kill": 5, "torn": 2, "powerloss": 2, "sigterm": 1, "write-state-false": 2, "wal-off": 2,
          "wal-off-kill": 2, "wal-off-sigterm": 1, "resume-off": 1}
+FOLDER_STEPS = 0.4  # the share of steps that also copy, back up or restore folders (_shuffle_folders)
 OPTIONS = {"--chunk-chars": ("1200", "700"), "--hnsw-space": ("cosine", "l2"), "--embed-model": ("hash:32", "hash:24"),
            "--sync-mode": ("incremental", "delete-stale", "none")}
 
@@ -69,6 +71,8 @@ class World:
     db: str = "db"
     history: list[list[dict]] = field(default_factory=list)  # earlier corpora, to revert to
     next_id: int = 0
+    backups: list[str] = field(default_factory=list)  # folders bk<N>/ holding a copy of db/ and state/
+    copies: list[str] = field(default_factory=list)  # --db folders copied from another, to switch between
 
     def args(self, final: bool = False) -> list[str]:
         opts = dict(self.options)
@@ -161,6 +165,46 @@ def _mutate(world: World, rng: random.Random) -> list[str]:
             units.remove(u)
             done.append(f"remove {u['source_uri']}")
     return done
+
+
+def _shuffle_folders(world: World, rng: random.Random, folder: Path) -> list[str]:
+    """What a user does with folders between runs, often right after a kill: back up the --db and
+    state folders, restore the db only, the state only, or both, copy the db and go on with the copy,
+    or switch back to a folder left behind. A copy or a restored folder must never be vouched for by
+    records written for another (each sequence still ends compared with a clean build)."""
+    kind = rng.choice(("backup", "backup", "restore-db", "restore-state", "restore-both", "copy", "switch"))
+    db, state = folder / world.db, folder / "state"
+    if kind == "backup" or (kind.startswith("restore") and not world.backups):
+        name = f"bk{len(world.backups)}"
+        (folder / name).mkdir()
+        if db.exists():
+            shutil.copytree(db, folder / name / "db", symlinks=True)
+        if state.exists():
+            shutil.copytree(state, folder / name / "state", symlinks=True)
+        world.backups.append(name)
+        return [f"back up {world.db}/ and state/ to {name}/"]
+    if kind.startswith("restore"):
+        name = rng.choice(world.backups)
+        parts = {"restore-db": ("db",), "restore-state": ("state",), "restore-both": ("db", "state")}[kind]
+        for part in parts:
+            target = db if part == "db" else state
+            shutil.rmtree(target, ignore_errors=True)
+            if (folder / name / part).exists():
+                shutil.copytree(folder / name / part, target, symlinks=True)
+        return [f"restore {' and '.join(world.db + '/' if p == 'db' else 'state/' for p in parts)} from {name}/"]
+    if kind == "copy" and db.exists():
+        copied = f"copy{len(world.copies)}{rng.randint(0, 999)}"
+        shutil.copytree(db, folder / copied, symlinks=True)
+        world.copies.append(world.db)
+        world.db = copied
+        return [f"copy {db.name}/ to {copied}/ and go on with the copy"]
+    others = [c for c in world.copies if c != world.db and (folder / c).exists()]
+    if others:
+        back = rng.choice(others)
+        world.copies.append(world.db)
+        world.db = back
+        return [f"switch back to {back}/"]
+    return []
 
 
 def _mode(rng: random.Random) -> tuple[str, list[str], str]:
@@ -289,6 +333,8 @@ def run_sequence(seed: int, index: int, steps: int, base: Path, keep: bool = Fal
             changes = _mutate(world, rng)
             if world.db != old_db and (folder / old_db).exists():
                 (folder / old_db).rename(folder / world.db)
+            if rng.random() < FOLDER_STEPS:
+                changes += _shuffle_folders(world, rng, folder)
             _write(folder, world.units)
             mode, extra, spec = _mode(rng)
             sigterm = spec.split("=")[0] if mode.endswith("sigterm") else ""
