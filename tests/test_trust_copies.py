@@ -137,3 +137,24 @@ def test_a_metadata_key_chroma_refuses_is_refused_at_read_time_naming_line_and_k
     assert refused.returncode == 2, refused.stderr
     assert f"units.jsonl:2: metadata key {key!r}" in refused.stderr, refused.stderr
     assert not (tmp_path / ".chroma").exists()
+
+
+def test_two_indexes_of_one_collection_name_in_two_databases_cannot_share_a_state_folder(tmp_path):
+    """State is keyed by (state root, collection): two databases would share one manifest and WAL,
+    each build resetting and refilling the other's collection."""
+    from chroma_resume import indexes
+    from chroma_resume.errors import UsageError
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.chroma-resume]\nembed-model = "hash:32"\nstate-root = "state"\n'
+        '[tool.chroma-resume.indexes.en]\ndocs = "en"\ncollection = "docs"\ndb = "db-en"\n'
+        '[tool.chroma-resume.indexes.fr]\ndocs = "fr"\ncollection = "docs"\ndb = "db-fr"\n')
+    with pytest.raises(UsageError) as refused:
+        indexes.load(str(tmp_path))
+    message = str(refused.value)
+    assert "indexes.en]" in message and "indexes.fr]" in message and "state" in message, message
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.chroma-resume]\nembed-model = "hash:32"\nstate-root = "state"\n'
+        '[tool.chroma-resume.indexes.en]\ndocs = "en"\ncollection = "docs-en"\ndb = "db"\n'
+        '[tool.chroma-resume.indexes.fr]\ndocs = "fr"\ncollection = "docs-fr"\ndb = "db"\n')
+    assert [i.name for i in indexes.load(str(tmp_path))] == ["en", "fr"]  # one state root, one cache: fine

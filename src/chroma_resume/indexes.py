@@ -155,10 +155,18 @@ def _refuse_shared_collections(found: list[Index], given: dict | None = None) ->
     """Two indexes writing one collection of one database would delete each other's documents.
     `given`: index name -> the options its task receives besides its tables (None: the tables alone)."""
     seen: dict[tuple, Index] = {}
+    state_of: dict[str, Index] = {}
     for index in found:
         options = (given or {}).get(index.name, {})
         c = resolve(index, options)
         key = (cfg.db_identity(c), c.collection)
+        state = cfg.collection_dir(c)
+        if key not in seen and state in state_of:
+            raise UsageError(f"{state_of[state].table} and {index.table}: both keep their manifest, WAL and lock in "
+                             f"{state} (one --state-root, one collection name, two databases): each build would "
+                             f"reset and refill the other's collection. Give each its own collection name (the "
+                             f"state root, and so the embedding cache, can stay shared) or its own --state-root")
+        state_of[state] = index
         if key in seen:
             stated = sorted(f"--{k.replace('_', '-')} {v}" for k, v in options.items()
                             if v is not None and k.replace("_", "-") in ("collection", "db", "chroma-host",
