@@ -158,3 +158,21 @@ def test_two_indexes_of_one_collection_name_in_two_databases_cannot_share_a_stat
         '[tool.chroma-resume.indexes.en]\ndocs = "en"\ncollection = "docs-en"\ndb = "db"\n'
         '[tool.chroma-resume.indexes.fr]\ndocs = "fr"\ncollection = "docs-fr"\ndb = "db"\n')
     assert [i.name for i in indexes.load(str(tmp_path))] == ["en", "fr"]  # one state root, one cache: fine
+
+
+def test_cache_prune_with_root_reads_that_projects_indexes(tmp_path):
+    """`--root PROJECT` names the project: its pyproject says which models share the cache, not the
+    pyproject of the folder the command runs in (none here)."""
+    project = tmp_path / "project"
+    write_corpus(project / "a", 3)
+    write_corpus(project / "b", 3, seed=1)
+    (project / "pyproject.toml").write_text(
+        '[tool.chroma-resume]\nprogress = "off"\n'
+        '[tool.chroma-resume.indexes.alpha]\ndocs = "a"\nembed-model = "hash:32"\n'
+        '[tool.chroma-resume.indexes.beta]\ndocs = "b"\nembed-model = "hash:24"\n')
+    for name in ("alpha", "beta"):
+        assert run_cli(["build", "--index", name], cwd=project).returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pruned = run_cli(["cache-prune", "--root", str(project), "--index", "alpha"], cwd=elsewhere)
+    assert pruned.returncode == 0 and "removed=0" in pruned.stdout, pruned.stdout + pruned.stderr

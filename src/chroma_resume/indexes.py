@@ -198,7 +198,7 @@ def fingerprints_sharing_cache(c: cfg.Config, folder: str = ".") -> list[str]:
     (computed from the models' files, no model loaded)."""
     from .cache import cache_path
     from .models import model_fingerprint
-    found = [resolve(index, {}) for index in load(folder)]
+    found = [resolve(index, {}, root=folder) for index in load(folder)]  # its paths relative to that project
     return sorted({model_fingerprint(o) for o in found if o.embed_cache != "off" and cache_path(o) == cache_path(c)})
 
 
