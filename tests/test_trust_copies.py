@@ -176,3 +176,20 @@ def test_cache_prune_with_root_reads_that_projects_indexes(tmp_path):
     elsewhere.mkdir()
     pruned = run_cli(["cache-prune", "--root", str(project), "--index", "alpha"], cwd=elsewhere)
     assert pruned.returncode == 0 and "removed=0" in pruned.stdout, pruned.stdout + pruned.stderr
+
+
+def test_verify_with_queries_at_a_missing_db_creates_nothing_and_prints_a_command_fix(tmp_path):
+    from test_verify import apply_fix, printed_fix
+
+    write_corpus(tmp_path / "corpus", 3)
+    texts = write_corpus(tmp_path / "corpus", 3)
+    import json
+    (tmp_path / "golden.jsonl").write_text("".join(json.dumps({"query": t[:60], "uris": [u]}) + "\n"
+                                                   for u, t in texts.items()))
+    failing = run_cli(["verify", *HASH_BUILD, "--db", "missing", "--queries", "golden.jsonl"], cwd=tmp_path)
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    assert not (tmp_path / "missing").exists()
+    assert printed_fix(failing).startswith(("chroma-resume ", "doit ")) and " build" in printed_fix(failing)
+    apply_fix(tmp_path, failing, [*HASH_BUILD, "--db", "missing"])
+    assert run_cli(["verify", *HASH_BUILD, "--db", "missing", "--queries", "golden.jsonl"],
+                   cwd=tmp_path).returncode == 0
