@@ -169,7 +169,7 @@ class _Run:
         self._stage_line(decision, replay)
         self._open_wal(replay, decision, db.fingerprint()["incarnation"])
         db.before_first_write = lambda: db.mark_writing(self.run_id)
-        self.source = VectorSource(c, self.warn, self.counters, self.model.dim)
+        self.source = VectorSource(c, self.warn, self.counters, self.model.dim, lambda: self.stop.requested)
         try:
             return self._run_plan(plan, manifest, started)
         except Exception as exc:

@@ -66,11 +66,12 @@ class VectorSource:
     """Vectors for texts: the cache first (`lookup`, `remember`: the build's thread), the executor
     for the rest (`encode`: submitted now, `.result()` later; the model is loaded on the first miss)."""
 
-    def __init__(self, c: Config, warn: Warnings, counters: Counters, declared_dim: int | None = None):
+    def __init__(self, c: Config, warn: Warnings, counters: Counters, declared_dim: int | None = None,
+                 should_stop=lambda: False):
         self.c, self.warn, self.counters = c, warn, counters
         self.dim: int | None = None  # of the vectors handed out so far
         fingerprint = models.model_fingerprint(c)
-        self.executor = executor.start(c, fingerprint, warn)
+        self.executor = executor.start(c, fingerprint, warn, should_stop)
         self.cache = None
         if c.embed_cache != "off":
             from . import cache
