@@ -193,3 +193,16 @@ def test_verify_with_queries_at_a_missing_db_creates_nothing_and_prints_a_comman
     apply_fix(tmp_path, failing, [*HASH_BUILD, "--db", "missing"])
     assert run_cli(["verify", *HASH_BUILD, "--db", "missing", "--queries", "golden.jsonl"],
                    cwd=tmp_path).returncode == 0
+
+
+def test_an_index_name_chroma_cannot_take_as_collection_names_the_index_table(tmp_path):
+    from chroma_resume import indexes
+    from chroma_resume.errors import UsageError
+
+    (tmp_path / "pyproject.toml").write_text('[tool.chroma-resume]\nembed-model = "hash:32"\n'
+                                             '[tool.chroma-resume.indexes.en]\ndocs = "en"\n')
+    with pytest.raises(UsageError) as refused:
+        indexes.load(str(tmp_path))
+    message = str(refused.value)
+    assert "[tool.chroma-resume.indexes.en]" in message and "index name 'en'" in message
+    assert "collection = " in message, message

@@ -64,6 +64,13 @@ def load(folder: str = ".") -> list[Index]:
             raise UsageError(f"{where}: an index name is letters, digits, '.', '_' or '-' (it names doit tasks)")
         options, task = _split(where, table)
         merged = {"collection": name, **base_options, **options}
+        if merged["collection"] == name:  # the name, taken as collection: say so, the user wrote no collection
+            try:
+                cfg.check_collection_name(name)
+            except UsageError:
+                raise UsageError(f"{where}: the index name {name!r} is also its collection name, which Chroma "
+                                 f"refuses ({cfg.CHROMA_NAME_RULE}); add collection = \"...\" to the table or "
+                                 f"rename the index") from None
         found.append(Index(name, where, merged, {**base_task, **task}))
     _refuse_shared_collections(found)
     return found
