@@ -206,3 +206,21 @@ def test_an_index_name_chroma_cannot_take_as_collection_names_the_index_table(tm
     message = str(refused.value)
     assert "[tool.chroma-resume.indexes.en]" in message and "index name 'en'" in message
     assert "collection = " in message, message
+
+
+def test_a_lock_holder_that_has_not_written_its_record_yet_is_starting(tmp_path):
+    import fcntl
+    import os
+
+    from chroma_resume import state
+    from chroma_resume.errors import LockHeld
+
+    fd = os.open(tmp_path / state.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, its record not written yet
+        with pytest.raises(LockHeld) as held:
+            with state.WriterLock(str(tmp_path), "run2"):
+                pass
+        assert "starting" in str(held.value) and "pid=None" not in str(held.value), held.value
+    finally:
+        os.close(fd)

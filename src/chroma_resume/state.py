@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 
 import msgspec
 
@@ -259,9 +260,21 @@ def _lock_error(path: str, exc: OSError) -> ChromaResumeError:
                           f"folder that supports flock)")
 
 
+HOLDER_WAIT = 0.5  # seconds a holder has to write its record after taking the lock
+
+
 def _read_holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return " ".join(f"{k}={info.get(k)}" for k in ("pid", "host", "run_id", "started_at"))
-    except ValueError:
-        return "holder unknown"
+    """Who holds the lock, from its record. A holder writes the record just after taking the lock,
+    so an empty one is waited for briefly, then reported as a writer still starting."""
+    deadline = time.monotonic() + HOLDER_WAIT
+    while True:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            info = None
+        if info or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not info:
+        return "a writer that is starting (its record is not written yet): rerun in a moment"
+    return " ".join(f"{k}={info.get(k)}" for k in ("pid", "host", "run_id", "started_at"))
