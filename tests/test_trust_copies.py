@@ -224,3 +224,24 @@ def test_a_lock_holder_that_has_not_written_its_record_yet_is_starting(tmp_path)
         assert "starting" in str(held.value) and "pid=None" not in str(held.value), held.value
     finally:
         os.close(fd)
+
+
+def test_sigterm_of_a_first_build_under_wal_off_says_what_the_next_build_does(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    write_units(tmp_path, unit_rows("en"))
+    trace = tmp_path / "trace.log"
+    env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
+    env.update(HF_HUB_OFFLINE="1", CHROMA_RESUME_FAILPOINTS=f"trace={trace};store.after_upsert@1=sleep(4000)")
+    proc = subprocess.Popen([sys.executable, "-m", "chroma_resume", "build", *UNITS, "--wal", "off",
+                             "--upsert-batch", "4"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while "store.after_upsert" not in (trace.read_text() if trace.exists() else ""):
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "audits" not in err and "--on-missing-state reset" in err, err
+    after = run_cli(["build", *UNITS], cwd=tmp_path)
+    assert after.returncode == 0 and "missing_state_reset" in after.stderr, after.stderr

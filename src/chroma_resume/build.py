@@ -111,6 +111,7 @@ class _Run:
         self.committed: dict[str, state.DocEntry] = {}  # uri -> the generation Chroma holds for it
         self.refs: dict[str, corpus.Document] = {}  # uri -> the corpus document (without text)
         self.source: VectorSource | None = None
+        self.recorded_before = True  # whether a manifest described the collection before this run
 
     # ---- the run ---------------------------------------------------------------------
     def execute(self, docs: list[corpus.Document], listing: corpus.Listing, started: float) -> Summary:
@@ -147,6 +148,7 @@ class _Run:
         if c.resume == "force" and not decision.active:
             raise WalCorrupt(f"--resume force: cannot resume ({decision.reason}) from {p['wal']}; nothing was "
                              f"changed. Rerun without --resume force to build afresh")
+        self.recorded_before = manifest is not None  # what the next build does after a --wal off interruption
         missing_state = manifest is None and not decision.active and held > 0 and not reset
         if missing_state and c.on_missing_state == "fail":
             raise UsageError(f"manifest {p['manifest']} is missing but collection {c.collection!r} holds "
@@ -362,8 +364,11 @@ class _Run:
         if self.stop.requested:
             if self.c.wal:
                 raise Interrupted("interrupted: the in-flight batch was committed and logged; rerun to resume")
-            raise Interrupted("interrupted: the in-flight batch was committed, but with --wal off nothing records "
-                              "this run, so nothing can resume it; the next build audits the rows it wrote")
+            then = ("the next build audits the rows it wrote" if self.recorded_before else
+                    f"no manifest records this collection yet, so the next build treats the rows it wrote as "
+                    f"--on-missing-state {self.c.on_missing_state} says")
+            raise Interrupted(f"interrupted: the in-flight batch was committed, but with --wal off nothing records "
+                              f"this run, so nothing can resume it; {then}")
 
     def _finish(self, ok: bool, reason: str) -> None:
         s = self.summary
