@@ -245,3 +245,17 @@ def test_sigterm_of_a_first_build_under_wal_off_says_what_the_next_build_does(tm
     assert proc.returncode == 130 and "audits" not in err and "--on-missing-state reset" in err, err
     after = run_cli(["build", *UNITS], cwd=tmp_path)
     assert after.returncode == 0 and "missing_state_reset" in after.stderr, after.stderr
+
+
+def test_a_row_deleted_by_hand_is_not_up_to_date(tmp_path):
+    from chroma_resume import config as cfg
+    from chroma_resume.status import up_to_date
+    from test_doit import chroma
+
+    write_corpus(tmp_path / "corpus", 4)
+    assert run_cli(["build", *HASH_BUILD], cwd=tmp_path).returncode == 0
+    c = cfg.make_config(root=str(tmp_path), docs="corpus", collection="test", embed_model="hash:32")
+    assert up_to_date(c)[0]
+    chroma(tmp_path, "col = client.get_collection('test'); col.delete(ids=col.get(limit=1)['ids'])")
+    current, why = up_to_date(c)
+    assert not current and "rows" in why, why
