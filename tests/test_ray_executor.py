@@ -199,3 +199,29 @@ def _python(cwd: Path, code: str, *argv: str):
     env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
+
+
+def test_a_wait_on_an_actor_honours_the_stop_signal_and_its_bound(monkeypatch):
+    """ray.get on an actor no node can place never returns: the wait polls, stops at SIGTERM's flag
+    (exit 130, nothing written) and gives up after its bound (exit 5)."""
+    from chroma_resume.config import make_config
+    from chroma_resume.errors import Interrupted, RuntimeFailure
+
+    pool = object.__new__(executor.RayExecutor)
+    pool.ray, pool.c = ray, make_config(docs="corpus", executor="ray", ray_workers=5, ray_cpus_per_worker=0.5)
+    calls = []
+
+    def never(ref, timeout=None):
+        calls.append(timeout)
+        raise ray.exceptions.GetTimeoutError("still pending")
+
+    monkeypatch.setattr(ray, "get", never)
+    monkeypatch.setattr(executor, "WAIT_POLL", 0.01)
+    stops = iter([False, False, True])
+    pool.should_stop = lambda: next(stops)
+    with pytest.raises(Interrupted, match="waiting for a Ray worker to start"):
+        pool.wait("ref", 60.0, "a Ray worker to start")
+    assert len(calls) == 3 and all(t is not None for t in calls)  # never an unbounded ray.get
+    pool.should_stop = lambda: False
+    with pytest.raises(RuntimeFailure, match="--ray-workers 5, --ray-cpus-per-worker 0.5"):
+        pool.wait("ref", 0.05, "a Ray worker to start")
