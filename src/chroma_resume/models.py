@@ -370,12 +370,14 @@ def _check_quantizer(c: Config) -> None:
                              f"project's dependencies or use --backend onnx or torch")
 
 
-def check_loadable(c: Config, folder: str | None) -> None:
-    """transformers knows the folder's architecture and can build its tokenizer: without this a
+def check_loadable(c: Config) -> None:
+    """transformers knows the model's architecture and can build its tokenizer: without this a
     folder with config and weights but no tokenizer files, or a config.json of an unknown
-    model_type, passed every other check and failed only when the model was loaded, after the
-    schema change had emptied the collection. Config and tokenizer files only, never the weights
-    (a second or two, most of it importing transformers, which the load needs anyway)."""
+    model_type, passed preflight and failed only when the model was loaded, after the schema
+    change had emptied the collection. Config and tokenizer files only, never the weights (a
+    second or two, most of it importing transformers, which a load needs anyway); a build calls
+    it after preflight, which itself stays free of transformers and torch."""
+    folder = None if is_stand_in(c) else _snapshot_folder(location(c))
     if folder is None:
         return
     from transformers import AutoConfig, AutoTokenizer
@@ -415,7 +417,6 @@ def preflight(c: Config) -> ModelInfo:
     if positions and length and length > positions:
         raise ModelLoadError(f"--max-length {length} exceeds the {positions} positions of model {c.embed_model!r}")
     _check_weights(c, _snapshot_folder(where))
-    check_loadable(c, _snapshot_folder(where))
     if c.backend == "onnx-int8":
         _check_quantizer(c)
     if c.device != "cpu" or c.fp16 == "on":
