@@ -259,3 +259,24 @@ def test_a_row_deleted_by_hand_is_not_up_to_date(tmp_path):
     chroma(tmp_path, "col = client.get_collection('test'); col.delete(ids=col.get(limit=1)['ids'])")
     current, why = up_to_date(c)
     assert not current and "rows" in why, why
+
+
+def test_one_generation_recorded_under_two_uris_is_deleted_once(tmp_path):
+    """A doc_id carried to another uri and an audit can leave one generation under both uris; Chroma
+    refuses a delete naming an id twice (DuplicateIDError, exit 2 in the middle of a run: seed 2424 #66)."""
+    from chroma_resume import wal
+    from chroma_resume.pipeline import Counters, delete_generations
+    from chroma_resume.state import Generation
+
+    class Recording:
+        def __init__(self):
+            self.deleted: list[list[str]] = []
+
+        def delete(self, ids, batch):
+            assert len(ids) == len(set(ids)), ids  # what Chroma checks
+            self.deleted.append(list(ids))
+
+    db = Recording()
+    gens = [Generation("u000", "D", "a" * 64, 3), Generation("u008", "D", "a" * 64, 3)]
+    delete_generations(db, wal.NullWriter(), gens, "stale", 100, Counters())
+    assert db.deleted == [[f"D:{'a' * 12}:{i}" for i in range(3)]]

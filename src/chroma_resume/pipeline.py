@@ -284,7 +284,10 @@ def delete_generations(db, log, gens: list[Generation], reason: str, batch: int,
                                     n_chunks=g.n_chunks, reason=reason))
     if not failpoints.enabled("bug.delete_before_barrier"):
         log.barrier()
-    db.delete([i for g in gens for i in state.generation_ids(g.doc_id, g.content_sha256, g.n_chunks)], batch)
+    # One generation may be listed under two uris (a doc_id carried to another source_uri, then audited):
+    # Chroma refuses a delete that names an id twice.
+    db.delete(list(dict.fromkeys(i for g in gens for i in state.generation_ids(g.doc_id, g.content_sha256,
+                                                                                 g.n_chunks))), batch)
     done = wal.DeleteOldDone if reason == "old" else wal.DeleteStaleDone
     for g in gens:
         log.append(done(uri=g.uri, doc_id=g.doc_id, old_content_sha256=g.content_sha256, deleted_chunks=g.n_chunks))
