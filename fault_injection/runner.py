@@ -316,6 +316,8 @@ class _Attempt:
             if key in ("wal_ahead_of_db", "missing_after_build"):
                 self.row.lost += n
                 self.fail(f"engine repaired lost chunks ({key} {rest.strip()})")
+            elif key == "rows_differ_after_build":
+                self.fail(f"engine repaired rewritten rows ({key} {rest.strip()})")
             elif key == "orphans_deleted":
                 self.row.orphans += n
                 self.fail(f"engine repaired orphans ({key} {rest.strip()})")

@@ -125,15 +125,23 @@ def test_real_model_on_ray_equals_local(tmp_path, cluster):
 def test_a_worker_that_cannot_load_the_model_is_exit_2(tmp_path, cluster, corpus):
     root = _copy(corpus, tmp_path)
     (root / "broken-model").mkdir()
-    # What the preflight reads is whole (a config with a dimension, a safetensors file whose header and size
-    # agree); what only a load reads is missing (no tokenizer): the worker is the first to find out.
+    # The weights are whole (a safetensors file whose header and size agree), the tokenizer is missing: the
+    # preflight builds the tokenizer, so the driver refuses before any worker starts or anything is reset.
     (root / "broken-model" / "config.json").write_text(
         '{"model_type": "bert", "hidden_size": 8, "max_position_embeddings": 16}')
     header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
     (root / "broken-model" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     result = ray_build(root, cluster, "--embed-model", "broken-model", "--ray-workers", "1")
     assert result.returncode == 2, result.stderr
-    assert "a Ray worker cannot load the model" in result.stderr and "broken-model" in result.stderr
+    assert "no tokenizer can be built" in result.stderr and "broken-model" in result.stderr
+
+
+def test_workers_that_together_need_more_cpus_than_the_cluster_has_are_exit_2(workdir, cluster):
+    """5 workers of 0.5 CPU on a 2-CPU cluster: the fifth actor would wait for a CPU forever."""
+    result = ray_build(workdir, cluster, "--ray-workers", "5", "--ray-cpus-per-worker", "0.5")
+    assert result.returncode == 2, result.stderr
+    assert "--ray-workers 5 --ray-cpus-per-worker 0.5" in result.stderr and "2 CPUs" in result.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["corpus"]
 
 
 def test_more_gpus_per_worker_than_the_cluster_has_is_exit_2(workdir, cluster):
@@ -191,3 +199,29 @@ def _python(cwd: Path, code: str, *argv: str):
     env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
+
+
+def test_a_wait_on_an_actor_honours_the_stop_signal_and_its_bound(monkeypatch):
+    """ray.get on an actor no node can place never returns: the wait polls, stops at SIGTERM's flag
+    (exit 130, nothing written) and gives up after its bound (exit 5)."""
+    from chroma_resume.config import make_config
+    from chroma_resume.errors import Interrupted, RuntimeFailure
+
+    pool = object.__new__(executor.RayExecutor)
+    pool.ray, pool.c = ray, make_config(docs="corpus", executor="ray", ray_workers=5, ray_cpus_per_worker=0.5)
+    calls = []
+
+    def never(ref, timeout=None):
+        calls.append(timeout)
+        raise ray.exceptions.GetTimeoutError("still pending")
+
+    monkeypatch.setattr(ray, "get", never)
+    monkeypatch.setattr(executor, "WAIT_POLL", 0.01)
+    stops = iter([False, False, True])
+    pool.should_stop = lambda: next(stops)
+    with pytest.raises(Interrupted, match="waiting for a Ray worker to start"):
+        pool.wait("ref", 60.0, "a Ray worker to start")
+    assert len(calls) == 3 and all(t is not None for t in calls)  # never an unbounded ray.get
+    pool.should_stop = lambda: False
+    with pytest.raises(RuntimeFailure, match="--ray-workers 5, --ray-cpus-per-worker 0.5"):
+        pool.wait("ref", 0.05, "a Ray worker to start")

@@ -1,6 +1,6 @@
 """Randomized sequences (fault_injection/sequences.py): crashes, torn writes, SIGTERM, edits, metadata
-flips, re-keys, reverts, option changes, `--write-state false`, `--wal off`, `--resume off` and moved
-database folders, chained at random, each ending with a normal build equal to a clean build of the
+flips, re-keys, reverts, option changes, `--write-state false`, `--wal off`, `--resume off`, moved
+database folders and folders backed up, restored or copied between runs, chained at random, each ending with a normal build equal to a clean build of the
 final corpus and options (rows read back in a fresh process) and `verify` passing.
 
 CI runs a small budget; `CHROMA_RESUME_SEQUENCES=N` (and `CHROMA_RESUME_SEQUENCE_SEED=S`) runs more,
@@ -32,6 +32,9 @@ def test_random_sequences_end_equal_to_a_clean_build(tmp_path):
     assert all(len(o.steps) == 8 for o in outcomes)
     modes = {step.split(" | run ")[1].split()[0] for o in outcomes for step in o.steps if " | run " in step}
     assert len(modes) >= 3, modes
+    # Folders are backed up, restored, copied or switched between runs (issue 24: copies vouched for by
+    # records written for another copy).
+    assert any(w in step for o in outcomes for step in o.steps for w in ("back up", "restore", "copy", "switch"))
 
 
 def test_a_failing_sequence_names_its_seed_and_steps():

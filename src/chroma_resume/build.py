@@ -66,6 +66,7 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     listing = corpus.Listing()
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
     model = models.preflight(c)  # every refusal about the model, before anything is created
+    models.check_loadable(c)  # and that it loads (config and tokenizer through transformers, no weights)
     embedding.prepare(c, warn)  # an export a backend cannot do without, made or refused now
     executor.connect(c)  # Ray missing (exit 2) or its cluster unreachable (exit 5): before anything is written
     p = state.paths(c)
@@ -111,6 +112,7 @@ class _Run:
         self.committed: dict[str, state.DocEntry] = {}  # uri -> the generation Chroma holds for it
         self.refs: dict[str, corpus.Document] = {}  # uri -> the corpus document (without text)
         self.source: VectorSource | None = None
+        self.recorded_before = True  # whether a manifest described the collection before this run
 
     # ---- the run ---------------------------------------------------------------------
     def execute(self, docs: list[corpus.Document], listing: corpus.Listing, started: float) -> Summary:
@@ -147,6 +149,7 @@ class _Run:
         if c.resume == "force" and not decision.active:
             raise WalCorrupt(f"--resume force: cannot resume ({decision.reason}) from {p['wal']}; nothing was "
                              f"changed. Rerun without --resume force to build afresh")
+        self.recorded_before = manifest is not None  # what the next build does after a --wal off interruption
         missing_state = manifest is None and not decision.active and held > 0 and not reset
         if missing_state and c.on_missing_state == "fail":
             raise UsageError(f"manifest {p['manifest']} is missing but collection {c.collection!r} holds "
@@ -169,7 +172,7 @@ class _Run:
         self._stage_line(decision, replay)
         self._open_wal(replay, decision, db.fingerprint()["incarnation"])
         db.before_first_write = lambda: db.mark_writing(self.run_id)
-        self.source = VectorSource(c, self.warn, self.counters, self.model.dim)
+        self.source = VectorSource(c, self.warn, self.counters, self.model.dim, lambda: self.stop.requested)
         try:
             return self._run_plan(plan, manifest, started)
         except Exception as exc:
@@ -253,15 +256,15 @@ class _Run:
 
     @staticmethod
     def _vouched(fp: dict, manifest: state.Manifest | None, wal_run: str | None) -> bool:
-        """Whether records cover every write the collection has seen (DESIGN §13): the collection says
-        the manifest's run recorded it last and nothing wrote since, or what wrote since is the run
-        whose manifest this is (it died before saying so) or whose WAL this build reads. A collection
-        restored from a backup, or a state folder restored to an older manifest, fails the first test."""
+        """Whether records cover every write the collection has seen (DESIGN §13): the collection itself
+        says it reached the manifest's run, and nothing wrote since but the run whose WAL this build
+        reads (that WAL's facts are checked by content, never trusted). A run id alone proves nothing:
+        a resumed run keeps its id, so a manifest naming run R proves that some copy of the store
+        finished R, not this one (a backup or copy taken mid-run still says `writing=R`, `recorded`
+        the run before). A collection restored from a backup, or a state folder restored to an older
+        manifest, fails the same test."""
         manifest_run = manifest.last_build.get("run_id") if manifest is not None else None
-        writing = fp["writing"]
-        if writing is not None and writing == manifest_run:
-            return True
-        return fp["recorded"] == manifest_run and writing in (None, wal_run)
+        return fp["recorded"] == manifest_run and fp["writing"] in (None, wal_run)
 
     def _audited(self, db: store.Store, manifest: state.Manifest | None) -> state.Manifest:
         """Rows may have changed where no record says how: rebuild the manifest from what Chroma holds."""
@@ -305,9 +308,10 @@ class _Run:
         self._tally()
         self._finish(True, "ok")
         s.elapsed_sec = round(time.monotonic() - started, 3)
+        if c.write_state:  # the collection says it reached this run before any record says so (_vouched)
+            self.db.mark_recorded(self.run_id)
         store.make_durable(c)  # a manifest on disk means the collection it describes is on disk too
-        if self._write_manifest(manifest, plan.leftovers):
-            self.db.mark_recorded(self.run_id)  # the manifest now records what this and earlier runs wrote
+        self._write_manifest(manifest, plan.leftovers)
         self._clear_wal()
         return s
 
@@ -362,8 +366,11 @@ class _Run:
         if self.stop.requested:
             if self.c.wal:
                 raise Interrupted("interrupted: the in-flight batch was committed and logged; rerun to resume")
-            raise Interrupted("interrupted: the in-flight batch was committed, but with --wal off nothing records "
-                              "this run, so nothing can resume it; the next build audits the rows it wrote")
+            then = ("the next build audits the rows it wrote" if self.recorded_before else
+                    f"no manifest records this collection yet, so the next build treats the rows it wrote as "
+                    f"--on-missing-state {self.c.on_missing_state} says")
+            raise Interrupted(f"interrupted: the in-flight batch was committed, but with --wal off nothing records "
+                              f"this run, so nothing can resume it; {then}")
 
     def _finish(self, ok: bool, reason: str) -> None:
         s = self.summary
@@ -471,34 +478,47 @@ class _Run:
 
     # ---- final reconcile -------------------------------------------------------------
     def _reconcile(self, plan: Plan) -> None:
-        """Compare id sets (never counts: equal counts prove nothing). A repair here is a
-        functional WARN: a correct run never needs it."""
+        """Compare id sets (never counts: equal counts prove nothing) and each expected row's metadata
+        (the same ids rewritten with other metadata, another source_uri or source_type are not the
+        rows this build would write; only their text hash is left to the resume and audit checks,
+        which read the text). A repair here is a functional WARN: a correct run never needs it."""
         failpoints.fire("build.reconcile")
-        expected_ids = self._expected_ids()
-        if failpoints.enabled("bug.count_only_reconcile") and self.db.count() == len(expected_ids):
+        expected = self._expected_rows()
+        if failpoints.enabled("bug.count_only_reconcile") and self.db.count() == len(expected):
             return
-        actual = self.db.all_ids()
-        orphans = sorted(actual - expected_ids)
+        stored = {row["id"]: row["metadata"] for row in self.db.scan(include=("metadatas",))}
+        orphans = sorted(stored.keys() - expected.keys())
         if orphans and self.c.sync_mode != "none":
             self.db.delete(orphans, self.c.delete_batch)
             self.counters.chunks_deleted += len(orphans)
             self.warn("orphans_deleted", count=len(orphans), first=orphans[0])
-        missing_docs = {i.rsplit(":", 2)[0] for i in expected_ids - actual}
+        missing_docs = {i.rsplit(":", 2)[0] for i in expected.keys() - stored.keys()}
+        differing = {uri for i, (uri, meta) in expected.items()
+                     if i in stored and not state.same_metadata(_without_text_hash(stored[i]), meta)}
         redo = [msgspec.structs.replace(a, action="embed", old_generations=[])
-                for a in plan.docs if a.doc_id in missing_docs and a.uri in self.refs]
-        if redo:
-            self.warn("missing_after_build", docs=len(redo), first=redo[0].uri)
-            self._embed(redo)
+                for a in plan.docs if (a.doc_id in missing_docs or a.uri in differing) and a.uri in self.refs]
+        if differing:
+            self.warn("rows_differ_after_build", docs=len(differing), first=sorted(differing)[0])
+        lost = [a.uri for a in redo if a.doc_id in missing_docs]
+        if lost:
+            self.warn("missing_after_build", docs=len(lost), first=lost[0])
+        self._embed(redo)
+
+    def _expected_rows(self) -> dict[str, tuple[str, dict]]:
+        """chunk id -> (uri, the metadata a build writes on it, less its text hash)."""
+        return {state.chunk_id(e.doc_id, e.content_sha256, n): (uri, _without_text_hash(state.chunk_metadata(
+                    uri, e.doc_id, e.content_sha256, e.source_type, e.metadata, n, e.n_chunks, "")))
+                for uri, e in self.committed.items() for n in range(e.n_chunks)}
 
     def _expected_ids(self) -> set[str]:
         return {i for e in self.committed.values() for i in state.generation_ids(e.doc_id, e.content_sha256, e.n_chunks)}
 
     # ---- outputs ---------------------------------------------------------------------
-    def _write_manifest(self, manifest: state.Manifest | None, leftovers: list[Generation]) -> bool:
-        """Whether a manifest was written (not with --write-state false: the collection's mark then
-        stays, and the next build audits what this one wrote)."""
+    def _write_manifest(self, manifest: state.Manifest | None, leftovers: list[Generation]) -> None:
+        """Not with --write-state false: the collection's mark then stays, and the next build audits
+        what this one wrote."""
         if not self.c.write_state:
-            return False
+            return
         dim = self.source.dim or (manifest.dim if manifest else None)
         if dim is None and self.summary.expected_chunks:
             dim = self.db.dimension()
@@ -508,7 +528,6 @@ class _Run:
             documents=dict(sorted(self.committed.items())), leftovers=leftovers,
             last_build={**msgspec.to_builtins(self.summary), "run_id": self.run_id,
                         "finished_at": state.now_iso(), "warn_count": self.warn.count}))
-        return True
 
     def _stage_line(self, decision: ResumeDecision, replay: wal.Replay | None) -> None:
         r = replay if decision.active else None
@@ -528,6 +547,10 @@ def _current(action: DocAction, doc: corpus.Document) -> DocAction:
     planned = [Generation(action.uri, action.doc_id, action.content_sha256, action.n_chunks)] if action.n_chunks else []
     olds = [g for g in action.old_generations + planned if g.content_sha256 != doc.content_sha256]
     return msgspec.structs.replace(action, content_sha256=doc.content_sha256, old_generations=olds, reuse=[])
+
+
+def _without_text_hash(meta: dict | None) -> dict:
+    return {k: v for k, v in (meta or {}).items() if k != "text_sha256"}
 
 
 def _already_warned(*args, **fields) -> None:

@@ -301,7 +301,7 @@ def cmd_cache_stats(c: cfg.Config, args) -> int:
 def cmd_cache_prune(c: cfg.Config, args) -> int:
     from .cache import cache_prune
     from .indexes import fingerprints_sharing_cache
-    kept = fingerprints_sharing_cache(c) if args.keep == "current" else []
+    kept = fingerprints_sharing_cache(c, folder=c.root) if args.keep == "current" else []  # --root: its pyproject
     for key, value in cache_prune(c, keep=args.keep, older_than_days=args.older_than_days, also_keep=kept).items():
         print(f"{key}={value}")
     return 0

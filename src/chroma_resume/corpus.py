@@ -211,12 +211,15 @@ INT64 = (-2**63, 2**63 - 1)  # Chroma stores ints as int64; a larger one would c
 def _metadata_problems(metadata: dict | None) -> list[str]:
     """Why Chroma could not store a unit's metadata exactly (DESIGN §8: refused naming the line,
     never dropped or changed silently): values must be str, bool, int64 or finite float; keys
-    non-empty, not Chroma's reserved `chroma:*`, not a key chroma-resume writes on every chunk."""
+    non-empty, not Chroma's reserved `chroma:*`, not starting with `$` or `#` (Chroma 1.x refuses
+    those at upsert, "Invalid metadata at index N", naming neither line nor key: they are its
+    operators and reserved fields), not a key chroma-resume writes on every chunk."""
     problems = []
     for key, value in (metadata or {}).items():
-        if not key or key.startswith("chroma:") or key in state.CHUNK_KEYS:
+        if not key or key.startswith(("chroma:", "$", "#")) or key in state.CHUNK_KEYS:
             why = "an empty key" if not key else "reserved by Chroma" if key.startswith("chroma:") else \
-                "written by chroma-resume on every chunk"
+                "refused by Chroma (a key starting with $ or # names its operators and reserved fields)" \
+                if key.startswith(("$", "#")) else "written by chroma-resume on every chunk"
             problems.append(f"metadata key {key!r}: {why}")
         elif isinstance(value, bool) or isinstance(value, str):
             continue

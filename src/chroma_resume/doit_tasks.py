@@ -256,6 +256,9 @@ def _split(command: str, options: dict) -> tuple[dict, SimpleNamespace]:
 def _run(command: str, index: str | None, given: dict, task):
     """The action of every task but verify: the CLI's command with the options typed for this task."""
     config_options, extra = _split(command, _options(given, task))
+    if command in ("build", "repair") and (shared := indexes.group_refusal(
+            index, config_options, _split(command, given)[0])):
+        return _refused(task.name, shared)
     if command == "cache-prune" and extra.keep is None:
         extra.keep = "current"
     return _outcome(task.name, cli.run(command, config_options, extra, index))

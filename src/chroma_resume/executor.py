@@ -17,8 +17,10 @@ before it, so a batch computed twice is still written once.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
@@ -26,13 +28,15 @@ import numpy as np
 
 from . import embedding, failpoints, models
 from .config import Config
-from .errors import ModelLoadError, RuntimeFailure, UsageError
+from .errors import Interrupted, ModelLoadError, RuntimeFailure, UsageError
 from .reporting import Warnings
 
 RAY_EXTRA = "pip install 'chroma-resume[ray]'"
 LOCAL_IN_FLIGHT = 1  # the writer writes batch N while the model computes batch N+1
 RAY_IN_FLIGHT_PER_WORKER = 2  # one computing, one queued on each actor: no actor idles between batches
 CONNECT_TIMEOUT = 5.0  # seconds: a Ray GCS address that does not answer a TCP connect in time is down
+ACTOR_START_TIMEOUT = 600.0  # seconds an actor may take to be placed and load its model (a cold node, a big model)
+WAIT_POLL = 0.5  # seconds between looks at the stop signal while waiting on an actor
 
 
 def in_flight(c: Config) -> int:
@@ -69,6 +73,10 @@ def connect(c: Config) -> None:
                                    ("--ray-gpus-per-worker", "GPU", c.ray_gpus_per_worker)):
         if need > have.get(resource, 0):  # an actor no node can hold would wait forever
             raise UsageError(f"{option} {need:g}: the Ray cluster has {have.get(resource, 0):g} {resource}s in all")
+        if c.ray_workers * need > have.get(resource, 0):  # so would the actors past what the cluster holds
+            raise UsageError(f"--ray-workers {c.ray_workers} {option} {need:g} reserve "
+                             f"{c.ray_workers * need:g} {resource}s, the Ray cluster has {have.get(resource, 0):g} "
+                             f"{resource}s in all: fewer workers or less per worker")
 
 
 def _import_ray():
@@ -80,7 +88,8 @@ def _import_ray():
 
 
 def _local_cpus(c: Config) -> int:
-    return max(1, round(c.ray_workers * c.ray_cpus_per_worker))
+    """Enough for every worker's reservation (5 x 0.5 is 3 CPUs, never round()'s 2)."""
+    return max(1, math.ceil(c.ray_workers * c.ray_cpus_per_worker - 1e-9))
 
 
 def _reachable(address: str) -> None:
@@ -96,10 +105,11 @@ def _reachable(address: str) -> None:
                              f"with `ray start --head` or give its address") from None
 
 
-def start(c: Config, fingerprint: str, warn: Warnings):
-    """The executor this config names; the model (or the actors) are loaded on the first submit."""
+def start(c: Config, fingerprint: str, warn: Warnings, should_stop=lambda: False):
+    """The executor this config names; the model (or the actors) are loaded on the first submit.
+    should_stop: whether the run was asked to stop (SIGINT/SIGTERM), looked at while waiting on Ray."""
     if c.executor == "ray":
-        return RayExecutor(c, fingerprint, warn)
+        return RayExecutor(c, fingerprint, warn, should_stop)
     return LocalExecutor(c, warn)
 
 
@@ -174,11 +184,11 @@ class RayExecutor:
 
     MAX_LOSSES_PER_WORKER = 3  # then the cluster is not healthy enough to finish: exit 5, resume later
 
-    def __init__(self, c: Config, fingerprint: str, warn: Warnings):
+    def __init__(self, c: Config, fingerprint: str, warn: Warnings, should_stop=lambda: False):
         connect(c)
         import ray
 
-        self.ray, self.c, self.fingerprint, self.warn = ray, c, fingerprint, warn
+        self.ray, self.c, self.fingerprint, self.warn, self.should_stop = ray, c, fingerprint, warn, should_stop
         # The workers run elsewhere: give them absolute paths, the writer's working folder means nothing there.
         self.config = msgspec.json.encode(msgspec.structs.replace(c, root=os.path.abspath(c.root)))
         self.actor_class = ray.remote(num_cpus=c.ray_cpus_per_worker, num_gpus=c.ray_gpus_per_worker,
@@ -202,13 +212,30 @@ class RayExecutor:
         actors = [self.actor_class.remote(self.config) for _ in range(n)]
         for actor in actors:
             try:
-                identity = self.ray.get(actor.who.remote())
+                identity = self.wait(actor.who.remote(), ACTOR_START_TIMEOUT, "a Ray worker to start")
             except self.ray.exceptions.RayTaskError as exc:
                 raise ModelLoadError(f"a Ray worker cannot load the model {exc.cause}") from None
             except self.ray.exceptions.RayActorError as exc:
                 raise RuntimeFailure(f"a Ray worker did not start: {exc}") from None
             self.dim = checked(identity, self.fingerprint, self.dim)
             self.busy[actor] = 0
+
+    def wait(self, ref, limit: float | None, what: str):
+        """ray.get, in short waits: the stop signal is honoured between them (ray.get alone blocks
+        SIGTERM's handler), and `limit` bounds the whole wait (an actor no node can place waits forever)."""
+        began = time.monotonic()
+        while True:
+            try:
+                return self.ray.get(ref, timeout=WAIT_POLL)
+            except self.ray.exceptions.GetTimeoutError:
+                pass
+            if self.should_stop():
+                raise Interrupted(f"interrupted while waiting for {what}: nothing of it was written; the WAL is "
+                                  f"intact, rerun to resume")
+            if limit is not None and time.monotonic() - began > limit:
+                raise RuntimeFailure(f"waited {limit:g}s for {what} (--ray-workers {self.c.ray_workers}, "
+                                     f"--ray-cpus-per-worker {self.c.ray_cpus_per_worker:g}): the cluster cannot "
+                                     f"place it; the WAL is intact, rerun to resume")
 
     def _send(self, batch: "RayBatch") -> None:
         actor = min(self.busy, key=self.busy.get)
@@ -236,6 +263,8 @@ class RayExecutor:
         for actor in list(self.busy):
             self.ray.kill(actor, no_restart=True)
         self.busy.clear()
+        if self.c.ray_address == "local":  # the cluster this driver started: its workers end with it
+            self.ray.shutdown()
 
 
 class RayBatch:
@@ -250,7 +279,7 @@ class RayBatch:
         ray = self.pool.ray
         while True:
             try:
-                batch_no, identity, vectors = ray.get(self.ref)
+                batch_no, identity, vectors = self.pool.wait(self.ref, None, f"batch {self.batch_no}")
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                 self.pool._lost(self, exc)
                 continue

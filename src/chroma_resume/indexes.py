@@ -64,6 +64,13 @@ def load(folder: str = ".") -> list[Index]:
             raise UsageError(f"{where}: an index name is letters, digits, '.', '_' or '-' (it names doit tasks)")
         options, task = _split(where, table)
         merged = {"collection": name, **base_options, **options}
+        if merged["collection"] == name:  # the name, taken as collection: say so, the user wrote no collection
+            try:
+                cfg.check_collection_name(name)
+            except UsageError:
+                raise UsageError(f"{where}: the index name {name!r} is also its collection name, which Chroma "
+                                 f"refuses ({cfg.CHROMA_NAME_RULE}); add collection = \"...\" to the table or "
+                                 f"rename the index") from None
         found.append(Index(name, where, merged, {**base_task, **task}))
     _refuse_shared_collections(found)
     return found
@@ -174,15 +181,46 @@ def _task_value(where: str, key: str, value):
     return value
 
 
-def _refuse_shared_collections(found: list[Index]) -> None:
+def _refuse_shared_collections(found: list[Index], given: dict | None = None) -> None:
+    """Two indexes writing one collection of one database would delete each other's documents.
+    `given`: index name -> the options its task receives besides its tables (None: the tables alone)."""
     seen: dict[tuple, Index] = {}
+    state_of: dict[str, Index] = {}
     for index in found:
-        c = resolve(index, {})
+        options = (given or {}).get(index.name, {})
+        c = resolve(index, options)
         key = (cfg.db_identity(c), c.collection)
+        state = cfg.collection_dir(c)
+        if key not in seen and state in state_of:
+            raise UsageError(f"{state_of[state].table} and {index.table}: both keep their manifest, WAL and lock in "
+                             f"{state} (one --state-root, one collection name, two databases): each build would "
+                             f"reset and refill the other's collection. Give each its own collection name (the "
+                             f"state root, and so the embedding cache, can stay shared) or its own --state-root")
+        state_of[state] = index
         if key in seen:
+            stated = sorted(f"--{k.replace('_', '-')} {v}" for k, v in options.items()
+                            if v is not None and k.replace("_", "-") in ("collection", "db", "chroma-host",
+                                                                          "chroma-port", "chroma-database",
+                                                                          "chroma-tenant", "root"))
+            by = f" (with {', '.join(stated)} given to every index)" if stated else ""
             raise UsageError(f"{seen[key].table} and {index.table}: both write collection {c.collection!r} of "
-                             f"{key[0]}; give each index its own collection")
+                             f"{key[0]}{by}; give each index its own collection")
         seen[key] = index
+
+
+def group_refusal(own: str | None, own_options: dict, group_options: dict, folder: str = ".") -> UsageError | None:
+    """The refusal of the tables' shared-collection check, made on the effective options of every
+    sub-task of a doit group: `doit build --collection X` gives X to each index, and their builds
+    would then delete each other's documents. Index `own` runs with `own_options` (the group's and
+    its own), every other index with the group's. None when each still writes its own collection."""
+    found = load(folder)
+    if found[0].name is None:
+        return None
+    try:
+        _refuse_shared_collections(found, {i.name: own_options if i.name == own else group_options for i in found})
+    except UsageError as exc:
+        return exc
+    return None
 
 
 def fingerprints_sharing_cache(c: cfg.Config, folder: str = ".") -> list[str]:
@@ -190,7 +228,7 @@ def fingerprints_sharing_cache(c: cfg.Config, folder: str = ".") -> list[str]:
     (computed from the models' files, no model loaded)."""
     from .cache import cache_path
     from .models import model_fingerprint
-    found = [resolve(index, {}) for index in load(folder)]
+    found = [resolve(index, {}, root=folder) for index in load(folder)]  # its paths relative to that project
     return sorted({model_fingerprint(o) for o in found if o.embed_cache != "off" and cache_path(o) == cache_path(c)})
 
 

@@ -373,6 +373,32 @@ def _check_quantizer(c: Config) -> None:
                              f"project's dependencies or use --backend onnx or torch")
 
 
+def check_loadable(c: Config) -> None:
+    """transformers knows the model's architecture and can build its tokenizer: without this a
+    folder with config and weights but no tokenizer files, or a config.json of an unknown
+    model_type, passed preflight and failed only when the model was loaded, after the schema
+    change had emptied the collection. Config and tokenizer files only, never the weights (a
+    second or two, most of it importing transformers, which a load needs anyway); a build calls
+    it after preflight, which itself stays free of transformers and torch."""
+    folder = None if is_stand_in(c) else _snapshot_folder(location(c))
+    if folder is None:
+        return
+    from transformers import AutoConfig, AutoTokenizer
+    name = f"model {c.embed_model!r} ({folder})"
+    try:
+        AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"{name}: transformers cannot read its config.json: {str(exc).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # a missing vocabulary surfaces as TypeError, OSError or ValueError
+        raise ModelLoadError(f"{name}: no tokenizer can be built from its files ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it needs tokenizer.json "
+                             f"or the vocabulary files of its model type (e.g. vocab.txt)") from None
+    if not tokenizer("probe")["input_ids"]:
+        raise ModelLoadError(f"{name}: its tokenizer turns text into no tokens")
+
+
 def preflight(c: Config) -> ModelInfo:
     """Every check that can refuse this model, without torch (unless a CUDA device is named) and
     without loading weights. Raises ModelLoadError (exit 2) naming the model and the fix."""

@@ -165,7 +165,7 @@ def unlink(path: str) -> None:
 # ---- locks ----------------------------------------------------------------------------------
 
 class LockBusy(Exception):
-    """Another process holds the lock; `holder` is what its sidecar says (or 'holder unknown')."""
+    """Another process holds the lock; `holder` is what its sidecar says (see read_holder)."""
 
     def __init__(self, path: str, holder: str):
         super().__init__(f"{path}: {holder}")
@@ -208,14 +208,24 @@ def exclusive_lock(path: str, *, wait: float | None = None, holder: dict | None 
         lock.release()
 
 
+HOLDER_WAIT = 0.5  # seconds a holder has to write its record after taking the lock
+
+
 def read_holder(lock_path: str) -> str:
-    """`pid=… host=… run_id=… started_at=…` from the sidecar, or 'holder unknown'."""
-    try:
-        with open(holder_path(lock_path), "rb") as fh:
-            info = json.loads(fh.read() or b"{}")
-        return " ".join(f"{k}={info.get(k)}" for k in ("pid", "host", "run_id", "started_at"))
-    except (OSError, ValueError, AttributeError):
-        return "holder unknown"
+    """`pid=… host=… run_id=… started_at=…` from the sidecar. A holder writes it just after taking the
+    lock, so an empty or missing record is waited for briefly, then reported as a writer still starting."""
+    deadline = time.monotonic() + HOLDER_WAIT
+    while True:
+        try:
+            with open(holder_path(lock_path), "rb") as fh:
+                info = json.loads(fh.read() or b"{}")
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict) and info.get("pid") is not None:
+            return " ".join(f"{k}={info.get(k)}" for k in ("pid", "host", "run_id", "started_at"))
+        if time.monotonic() > deadline:
+            return "a writer that is starting (its record is not written yet): rerun in a moment"
+        time.sleep(0.05)
 
 
 WINDOWS_MAX_PATH = 260  # MAX_PATH, counting the terminating NUL

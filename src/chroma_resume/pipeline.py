@@ -16,7 +16,6 @@ DESIGN §4, whatever the model's speed or where it runs.
 """
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 
@@ -66,11 +65,12 @@ class VectorSource:
     """Vectors for texts: the cache first (`lookup`, `remember`: the build's thread), the executor
     for the rest (`encode`: submitted now, `.result()` later; the model is loaded on the first miss)."""
 
-    def __init__(self, c: Config, warn: Warnings, counters: Counters, declared_dim: int | None = None):
+    def __init__(self, c: Config, warn: Warnings, counters: Counters, declared_dim: int | None = None,
+                 should_stop=lambda: False):
         self.c, self.warn, self.counters = c, warn, counters
         self.dim: int | None = None  # of the vectors handed out so far
         fingerprint = models.model_fingerprint(c)
-        self.executor = executor.start(c, fingerprint, warn)
+        self.executor = executor.start(c, fingerprint, warn, should_stop)
         self.cache = None
         if c.embed_cache != "off":
             from . import cache
@@ -279,7 +279,10 @@ def delete_generations(db, log, gens: list[Generation], reason: str, batch: int,
                                     n_chunks=g.n_chunks, reason=reason))
     if not failpoints.enabled("bug.delete_before_barrier"):
         log.barrier()
-    db.delete([i for g in gens for i in state.generation_ids(g.doc_id, g.content_sha256, g.n_chunks)], batch)
+    # One generation may be listed under two uris (a doc_id carried to another source_uri, then audited):
+    # Chroma refuses a delete that names an id twice.
+    db.delete(list(dict.fromkeys(i for g in gens for i in state.generation_ids(g.doc_id, g.content_sha256,
+                                                                                 g.n_chunks))), batch)
     done = wal.DeleteOldDone if reason == "old" else wal.DeleteStaleDone
     for g in gens:
         log.append(done(uri=g.uri, doc_id=g.doc_id, old_content_sha256=g.content_sha256, deleted_chunks=g.n_chunks))

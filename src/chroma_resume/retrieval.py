@@ -18,7 +18,6 @@ from __future__ import annotations
 import msgspec
 
 from . import embedding, state, store
-from .commands import command_line
 from .config import Config
 from .errors import UsageError
 from .verify import Check
@@ -95,10 +94,12 @@ def evaluate(c: Config, path: str, questions: list[Question], k: int = DEFAULT_T
     build it fails and creates nothing (no Chroma folder is opened that does not exist), and its fix is the
     build command of the options in effect, which runs as printed."""
     manifest = state.load_manifest(state.paths(c)["manifest"])
+    # A missing embedded --db is never opened: a client would create the folder. No fix of its own:
+    # the manifest or collection check that fails beside it carries the command.
     db = None if manifest is None or store.embedded_store_missing(c) else store.open_store(c)
     if manifest is None or db is None:
-        return None, Check("retrieval", False, f"no {'manifest' if manifest is None else 'collection'} to ask",
-                           command_line(c, "build", index=index))
+        return None, Check("retrieval", False, f"no {'manifest' if manifest is None else 'collection'} to ask "
+                                               f"(see the checks above)")
     doc_of_uri = {uri: entry.doc_id for uri, entry in manifest.documents.items()}
     embedder = embedding.load(c)
     prefix = query_instruction(c.embed_model)
@@ -115,9 +116,10 @@ def evaluate(c: Config, path: str, questions: list[Question], k: int = DEFAULT_T
                      for lang, s in result.by_lang.items())
     detail = (f"recall@{k}={result.overall.recall:.3f} mrr={result.overall.mrr:.3f} over {len(questions)} questions "
               f"(min {min_recall}); {langs}; missed {len(result.missed)} {result.missed[:SHOW]}")
-    fix = ("search got worse: compare the model, --max-length and chunking with the last build that passed, "
-           "then rebuild (doit -a build)")
-    return result, Check("retrieval", result.ok, detail, "" if result.ok else fix)
+    if not result.ok:  # no command repairs it: what to look at is part of the finding, not a fix to paste
+        detail += ("; search got worse: compare the model, --max-length and chunking with the last build that "
+                   "passed, then rebuild")
+    return result, Check("retrieval", result.ok, detail)
 
 
 def _score(q: Question, ranked_docs: list[str], doc_of_uri: dict[str, str]) -> tuple[float, float]:

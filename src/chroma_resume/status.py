@@ -169,6 +169,9 @@ def up_to_date(c: Config) -> tuple[bool, str]:
                        f"{manifest.last_build.get('run_id') or 'none'}): a build audits it")
     if manifest.leftovers and c.sync_mode != "none":
         return False, "old generations left by --sync-mode none are to be deleted"
+    rows = None if manifest.leftovers else store.catalogue_rows(c)
+    if rows is not None and rows != manifest.expected_chunks:
+        return False, f"collection {c.collection!r} holds {rows} rows, the manifest records {manifest.expected_chunks}"
     with open(os.devnull, "w") as quiet:
         current = {d.uri: (d.doc_id, d.content_sha256, state.meta_sha256(d.metadata, d.source_type))
                    for d in corpus.scan(c, Warnings(stream=quiet))}

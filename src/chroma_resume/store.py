@@ -299,6 +299,30 @@ def catalogue_fingerprint(c: Config) -> dict | None:
             "writing": meta.get(WRITING_KEY), "recorded": meta.get(RECORDED_KEY)}
 
 
+_ROWS = """
+SELECT count(*) FROM embeddings AS e
+JOIN segments AS s ON s.id = e.segment_id AND s.scope = 'METADATA'
+JOIN collections AS col ON col.id = s.collection
+JOIN databases AS d ON d.id = col.database_id
+WHERE col.name = ? AND d.name = ? AND d.tenant_id = ?
+"""
+
+
+def catalogue_rows(c: Config) -> int | None:
+    """How many rows an embedded collection holds, from Chroma's sqlite (read-only, without chromadb):
+    what doit's up-to-date check compares with the manifest, so a row deleted by hand is seen. None
+    for a server, or a catalogue this code cannot read."""
+    location = os.path.join(cfg.path(c, c.db), "chroma.sqlite3")
+    if c.chroma_host or not os.path.exists(location):
+        return None
+    scope = (c.collection, c.chroma_database or "default_database", c.chroma_tenant or "default_tenant")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(location)}?mode=ro", uri=True, timeout=1.0)) as db:
+            return db.execute(_ROWS, scope).fetchone()[0]
+    except sqlite3.Error:
+        return None
+
+
 # ---- the deep check after an unclean end (DESIGN §13) ----------------------------------
 # An embedded Chroma keeps each collection's rows in chroma.sqlite3 and its vector index (HNSW)
 # in a segment folder it re-writes every `sync_threshold` records, without fsync; the sqlite side

@@ -108,8 +108,9 @@ class VerifyResult(msgspec.Struct):
 
     @property
     def fix(self) -> str:
-        """The strongest repair any failing check asks for: running it repairs them all."""
-        failing = [ch for ch in self.checks if not ch.ok]
+        """The strongest repair any failing check asks for: running it repairs them all. A check
+        without a command (retrieval quality) adds nothing to paste."""
+        failing = [ch for ch in self.checks if not ch.ok and ch.fix]
         return min(failing, key=lambda ch: ch.rank).fix if failing else ""
 
 
