@@ -21,7 +21,7 @@ from typing import TextIO
 import msgspec
 
 from . import config as cfg
-from . import corpus, embedding, executor, failpoints, models, schema, state, store, wal
+from . import corpus, embedders, executor, failpoints, models, schema, state, store, wal
 from .audit import audit
 from .config import Config
 from .errors import CheckFailed, ChromaResumeError, Interrupted, StoreCorrupt, UsageError, WalCorrupt
@@ -66,7 +66,7 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     listing = corpus.Listing()
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
     model = models.preflight(c)  # every refusal about the model, before anything is created
-    embedding.prepare(c, warn)  # an export a backend cannot do without, made or refused now
+    embedders.prepare(c, warn)  # an export a backend cannot do without, made or refused now
     executor.connect(c)  # Ray missing (exit 2) or its cluster unreachable (exit 5): before anything is written
     p = state.paths(c)
     if not docs and not (listing.files or listing.dirs) and not c.allow_empty:
@@ -152,7 +152,7 @@ class _Run:
             raise UsageError(f"manifest {p['manifest']} is missing but collection {c.collection!r} holds "
                              f"{held} chunks (--on-missing-state fail); use reset or full-upsert")
         # ---- from here on the run acts -------------------------------------------------
-        models.remember_digests(self.c)  # the next run names the model by stat, without hashing it
+        state.remember_digests(self.c)  # the next run names the model by stat, without hashing it
         if damage:
             self.summary.store_set_aside = store.set_aside(c)
             self.warn("store_set_aside", path=self.summary.store_set_aside, cause=damage)

@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import config as cfg
-from . import models, schema
+from . import embedders, models, schema
 from .errors import ChromaResumeError, UsageError
 
 # (option, kind, help). kind: str | int | "bool" (true/false value) | a tuple of choices.
@@ -111,6 +111,7 @@ def describe(c: cfg.Config) -> str:
     source = c.docs or c.units
     return (f"[CONFIG] corpus={source} db={cfg.db_identity(c)} collection={c.collection} "
             f"state_root={cfg.path(c, c.state_root)} embed_model={c.embed_model} backend={c.backend} "
+            f"runs={embedders.describe(c)} "
             f"chunk_chars={c.chunk_chars} "
             f"overlap_chars={c.overlap_chars} min_chunk_chars={c.min_chunk_chars} "
             f"max_length={models.effective_max_length(c) or 'model default'} schema_hash={schema.schema_hash(c)}")

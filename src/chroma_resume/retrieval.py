@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import msgspec
 
-from . import embedding, state, store
+from . import embedders, state, store
 from .config import Config
 from .errors import UsageError
 from .verify import Check
@@ -97,7 +97,7 @@ def evaluate(c: Config, path: str, questions: list[Question], k: int = DEFAULT_T
         return None, Check("retrieval", False, f"no {'manifest' if manifest is None else 'collection'} to ask",
                            "doit build (or chroma-resume build)")
     doc_of_uri = {uri: entry.doc_id for uri, entry in manifest.documents.items()}
-    embedder = embedding.load(c)
+    embedder = embedders.load(c)
     prefix = query_instruction(c.embed_model)
     vectors = embedder.encode([prefix + q.query for q in questions])
     hits = db.nearest(vectors, min(k, db.count())) if db.count() else [[] for _ in questions]

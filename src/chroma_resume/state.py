@@ -17,7 +17,7 @@ import socket
 import msgspec
 
 from . import config as cfg
-from . import failpoints, schema, wal
+from . import failpoints, models, schema, wal
 from .errors import ChromaResumeError, LockHeld, NewerState, RuntimeFailure, UsageError
 
 WAL_NAME = "index_state.stage.jsonl"
@@ -169,6 +169,15 @@ def read_latest(collection_dir: str) -> str | None:
 
 def write_latest(collection_dir: str, schema_hash: str) -> None:
     atomic_write(os.path.join(collection_dir, LATEST_NAME), schema_hash.encode() + b"\n")
+
+
+def remember_digests(c: cfg.Config) -> None:
+    """Persist the model-file digests computed in this process (models.digest_memo), so the next run
+    names the model by stat without hashing it. Builds only: readers never write."""
+    path, memo = models.digest_memo(c)
+    if memo:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, msgspec.json.encode(memo))
 
 
 def atomic_write(path: str, data: bytes) -> None:
