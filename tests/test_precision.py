@@ -17,10 +17,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from chroma_resume import cli, embedders, models, schema
+from chroma_resume import cli, embedders, executor, models, schema
 from chroma_resume.config import make_config
 from chroma_resume.embedders import probe, select, torch_runtime
-from chroma_resume.errors import UsageError
+from chroma_resume.errors import ModelLoadError, UsageError
 from chroma_resume.reporting import Warnings
 from conftest import REPO, collection_rows, run_cli, summary
 from test_embedding import MIXED
@@ -185,3 +185,20 @@ def test_an_index_moves_between_bf16_and_float32_without_a_reset(tmp_path):
         # every vector, of either precision, re-embedded in this step's precision and compared
         checked = run_cli(["verify", "--docs", "corpus", "--backend", backend, "--deep", "all"], cwd=tmp_path)
         assert checked.returncode == 0 and "[PASS] embedding" in checked.stdout, checked.stdout + checked.stderr
+
+
+# ---- Ray workers ---------------------------------------------------------------------------------
+
+def test_ray_workers_report_their_precision_and_differing_ones_serve_one_build(tmp_path):
+    """The actor body, run in this process (no Ray needed): a bf16 worker says so; the writer accepts a
+    worker in fp16 and one in float32 of the same model, and still refuses another model."""
+    c = make_config(root=str(tmp_path), embed_batch=4, backend="torch-bf16")
+    worker = executor.EmbedWorker(msgspec.json.encode(c))
+    identity = worker.who()
+    assert (identity.fingerprint, identity.dim, identity.precision) == (FLOAT32_FINGERPRINT, 384, "bf16")
+    gpu = executor.Identity(FLOAT32_FINGERPRINT, 384, "gpu-node", "fp16")
+    cpu = executor.Identity(FLOAT32_FINGERPRINT, 384, "cpu-node", "float32")
+    dim = executor.checked(identity, models.model_fingerprint(c), None)
+    assert executor.checked(gpu, FLOAT32_FINGERPRINT, dim) == executor.checked(cpu, FLOAT32_FINGERPRINT, dim) == 384
+    with pytest.raises(ModelLoadError, match="install the same model"):
+        executor.checked(executor.Identity(INT8_FINGERPRINT, 384, "int8-node", "int8"), FLOAT32_FINGERPRINT, dim)
