@@ -146,12 +146,36 @@ def test_a_precision_below_the_tolerance_is_refused_and_its_record_reused(tmp_pa
         embedder = embedders.load(c, warn)
         assert embedder.precision == "float32" and warn.keys == {"precision_refused": 1}
         embedder.encode(["a text"])
-        probes = len(probe.PROBES)  # embedded once each way, by the first load: the second reuses the record
+        probes = 2 + len(probe.PROBES)  # a warm-up of two, then the timed pass, each way, by the first load only
         assert texts_by_precision == {"float32": probes + attempt + 1, "bf16": probes}, attempt
     (check,) = probe.read_records(c).values()
     assert not check.passed and check.worst_cosine < probe.PRECISION_MIN_COSINE
     records = json.loads((tmp_path / ".chroma-state" / probe.RECORD_NAME).read_text())
-    assert list(records) == [probe.check_key(c, "bf16", select.machine_kind("cpu"), embedder.torch.__version__)]
+    assert list(records) == [probe.check_key(c, "bf16", select.machine_kind("cpu"))]
+
+
+def test_auto_keeps_float32_where_the_reduced_precision_is_not_faster(tmp_path, monkeypatch):
+    """bfloat16 without AMX can be slower than float32 (measured on a Xeon with avx512_bf16): auto takes
+    a reduced precision only where its probe pass was faster; --backend torch-bf16 still gets bf16."""
+    monkeypatch.setattr(select, "bf16_evidence", lambda: "avx512_bf16")
+    real_timed = probe.timed_encode
+    timed = []
+
+    def planted_speed(embedder):  # the real vectors; bf16 said to take twice float32's time
+        timed.append(embedder.precision)
+        return real_timed(embedder)[0], 2.0 if embedder.precision == "bf16" else 1.0
+
+    monkeypatch.setattr(probe, "timed_encode", planted_speed)
+    c = make_config(root=str(tmp_path), docs="corpus", embed_batch=4)
+    assert "runs=torch/bf16" in cli.describe(c)  # not measured yet
+    for attempt, warned in enumerate(({"precision_not_faster": 1}, {})):
+        warn = Warnings()
+        assert embedders.load(c, warn).precision == "float32" and warn.keys == warned, attempt
+        assert timed == ["float32", "bf16"]  # measured once; the second load reads the record
+    (check,) = probe.read_records(c).values()
+    assert check.passed and not check.faster and (check.float32_sec, check.reduced_sec) == (1.0, 2.0)
+    assert "runs=torch/float32 (bf16 took 2.00x float32's time" in cli.describe(c)
+    assert embedders.load(msgspec.structs.replace(c, backend="torch-bf16")).precision == "bf16"
 
 
 # ---- one index across precisions -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import time
 
 import msgspec
 import numpy as np
@@ -27,6 +28,10 @@ from ..config import Config
 # Measured (MiniLM, benchmark corpus): bf16 least 0.99994, mean 0.99998; verify --deep compares
 # at a looser 0.999 by default, so vectors of any trusted precision pass it.
 PRECISION_MIN_COSINE = 0.9999
+# --backend auto takes a reduced precision for speed, so it must also be faster where it runs: on a Xeon
+# with AVX-512 BF16 and no AMX, bfloat16 measured ~1.4x slower than float32 (design notes, issue 22).
+# Reduced seconds / float32 seconds on the probes, at most, for auto to prefer it.
+FASTER_THAN = 0.9
 RECORD_NAME = "precision-checks.json"
 
 # What the check must see: prose, CJK, code, a table, very short texts and texts cut at the
@@ -48,24 +53,43 @@ PROBES = (
 )
 
 
-def probe_cosines(candidate, reference) -> np.ndarray:
+def probe_cosines(candidate, reference, seconds: dict | None = None) -> np.ndarray:
     """Cosine of each probe's vector from both embedders (both return unit vectors); neither
-    embedder's `embedded` count keeps the probes (they are not the build's work)."""
+    embedder's `embedded` count keeps the probes (they are not the build's work). With `seconds`,
+    each embedder is warmed up on two probes first and its pass over all of them timed into it
+    ("candidate", "reference")."""
     counts = candidate.embedded, reference.embedded
-    got, want = candidate.encode(PROBES), reference.encode(PROBES)
+    if seconds is not None:
+        candidate.encode(PROBES[:2]), reference.encode(PROBES[:2])
+    (want, seconds_reference), (got, seconds_candidate) = timed_encode(reference), timed_encode(candidate)
+    if seconds is not None:
+        seconds.update(candidate=seconds_candidate, reference=seconds_reference)
     candidate.embedded, reference.embedded = counts
     if failpoints.enabled("bug.onnx_probe_mismatch"):  # planted: one probe's vector comes back permuted
         got[-1] = np.roll(got[-1], 1)
     return np.einsum("ij,ij->i", got.astype(np.float64), want.astype(np.float64))
 
 
+def timed_encode(embedder) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    vectors = embedder.encode(PROBES)
+    return vectors, time.perf_counter() - t0
+
+
 class PrecisionCheck(msgspec.Struct, kw_only=True):
-    """One entry of precision-checks.json: what the probes found, and when."""
+    """One entry of precision-checks.json: what the probes found, and when. `passed`: every probe
+    within PRECISION_MIN_COSINE; the seconds are one pass over the probes each, after a warm-up."""
     passed: bool
     worst_cosine: float
     mean_cosine: float
     probes: int
+    float32_sec: float
+    reduced_sec: float
     checked_at: str
+
+    @property
+    def faster(self) -> bool:
+        return self.reduced_sec <= FASTER_THAN * self.float32_sec
 
 
 def record_path(c: Config) -> str:
@@ -82,29 +106,44 @@ def read_records(c: Config) -> dict[str, PrecisionCheck]:
         return {}
 
 
-def check_key(c: Config, precision: str, machine: str, torch_version: str) -> str:
-    return f"{models.model_fingerprint(c)} | {precision} | {machine} | torch {torch_version}"
+def check_key(c: Config, precision: str, machine: str) -> str:
+    """One check per model identity, precision, kind of machine and torch major.minor; read without torch."""
+    return f"{models.model_fingerprint(c)} | {precision} | {machine} | torch {models.package_version('torch', 2)}"
 
 
-def trusted_precision(c: Config, float32, precision: str, machine: str, warn):
+def recorded(c: Config, precision: str, machine: str) -> PrecisionCheck | None:
+    return read_records(c).get(check_key(c, precision, machine))
+
+
+def trusted_precision(c: Config, float32, precision: str, machine: str, warn, *, must_be_faster: bool):
     """`float32` (a FlagEmbedder) in `precision` if its probe check passed (made now when not recorded
-    for this model, machine and torch), else float32 itself after a WARN naming the worst cosine."""
-    key = check_key(c, precision, machine, float32.torch.__version__)
-    records = read_records(c)
-    check = records.get(key)
+    for this model, machine and torch) and, when `must_be_faster` (--backend auto), it ran the probes
+    faster; else float32 itself: after a WARN naming the worst cosine, or, for speed, a WARN when
+    first measured (later builds say it in their [CONFIG] line)."""
+    key = check_key(c, precision, machine)
+    check = read_records(c).get(key)
     reduced = float32.with_precision(precision)
+    measured_now = check is None
     if check is None:
-        cosines = probe_cosines(reduced, float32)
+        seconds: dict = {}
+        cosines = probe_cosines(reduced, float32, seconds)
         check = PrecisionCheck(passed=bool(cosines.min() >= PRECISION_MIN_COSINE), worst_cosine=float(cosines.min()),
                                mean_cosine=float(cosines.mean()), probes=len(cosines),
+                               float32_sec=seconds["reference"], reduced_sec=seconds["candidate"],
                                checked_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         _record(c, key, check)
-    if check.passed:
-        return reduced
-    warn("precision_refused", precision=precision, machine=machine, worst_cosine=f"{check.worst_cosine:.6f}",
-         cause=f"a probe's {precision} vector is below cosine {PRECISION_MIN_COSINE} to float32 "
-               f"(recorded in {record_path(c)})", fallback="float32")
-    return float32
+    if not check.passed:
+        warn("precision_refused", precision=precision, machine=machine, worst_cosine=f"{check.worst_cosine:.6f}",
+             cause=f"a probe's {precision} vector is below cosine {PRECISION_MIN_COSINE} to float32 "
+                   f"(recorded in {record_path(c)})", fallback="float32")
+        return float32
+    if must_be_faster and not check.faster:
+        if measured_now:
+            warn("precision_not_faster", precision=precision, machine=machine,
+                 cause=f"{precision} took {check.reduced_sec / check.float32_sec:.2f}x float32's time on the probes "
+                       f"(recorded in {record_path(c)})", fallback="float32")
+        return float32
+    return reduced
 
 
 def _record(c: Config, key: str, check: PrecisionCheck) -> None:

@@ -4,7 +4,8 @@
 natively (amx_bf16 or avx512_bf16 among its flags); otherwise float32, through the checked ONNX
 export where one exists, else torch. `--backend torch` is float32 torch, the reference a user can
 always ask for (fp16 only with an explicit --fp16 on). A reduced precision is used only after its
-probe check passed on this kind of machine (probe.trusted_precision), else float32 after a WARN.
+probe check passed on this kind of machine (probe.trusted_precision), else float32 after a WARN; and
+under auto only where that check also found it faster than float32.
 `choose` reads options and CPU flags only, without torch, so the [CONFIG] line can name what will
 run and why before anything is loaded.
 """
@@ -60,8 +61,14 @@ def choose(c: Config) -> Choice:
 
 
 def describe(c: Config) -> str:
-    """What runs and why, for the [CONFIG] line."""
+    """What runs and why, for the [CONFIG] line; on a CPU, a reduced precision auto found slower here
+    (its record) is named as float32."""
     choice = choose(c)
+    if c.backend == "auto" and choice.precision == "bf16":
+        check = probe.recorded(c, "bf16", machine_kind(c.device))
+        if check is not None and check.passed and not check.faster:
+            return (f"torch/float32 (bf16 took {check.reduced_sec / check.float32_sec:.2f}x float32's time on this "
+                    f"CPU's probe check, {probe.record_path(c)})")
     return f"{choice.runtime}/{choice.precision} ({choice.why})"
 
 
@@ -77,7 +84,8 @@ def load(c: Config, warn=None):
     float32 = torch_runtime.load_torch(c)
     if choice.precision == "float32":
         return float32
-    return probe.trusted_precision(c, float32, choice.precision, machine_kind(float32.device), warn)
+    return probe.trusted_precision(c, float32, choice.precision, machine_kind(float32.device), warn,
+                                   must_be_faster=c.backend == "auto")
 
 
 def prepare(c: Config, warn) -> None:
