@@ -60,15 +60,24 @@ def choose(c: Config) -> Choice:
                                      f"the checked ONNX export where one exists, else torch")
 
 
-def describe(c: Config) -> str:
-    """What runs and why, for the [CONFIG] line; on a CPU, a reduced precision auto found slower here
-    (its record) is named as float32."""
+def settled(c: Config) -> Choice:
+    """`choose`, corrected by what this CPU's recorded probe check found: where auto's bf16 ran the
+    probes no faster than float32, auto is float32 (the checked ONNX export where one exists, else
+    torch), decided without loading torch. A bf16 check that failed on cosine is left to the load,
+    which WARNs about it every time."""
     choice = choose(c)
     if c.backend == "auto" and choice.precision == "bf16":
         check = probe.recorded(c, "bf16", machine_kind(c.device))
         if check is not None and check.passed and not check.faster:
-            return (f"torch/float32 (bf16 took {check.reduced_sec / check.float32_sec:.2f}x float32's time on this "
-                    f"CPU's probe check, {probe.record_path(c)})")
+            return Choice("onnx", "float32", f"bf16 took {check.reduced_sec / check.float32_sec:.2f}x float32's "
+                                             f"time in this CPU's probe check ({probe.record_path(c)}): float32, "
+                                             f"the checked ONNX export where one exists, else torch")
+    return choice
+
+
+def describe(c: Config) -> str:
+    """What runs and why, for the [CONFIG] line."""
+    choice = settled(c)
     return f"{choice.runtime}/{choice.precision} ({choice.why})"
 
 
@@ -76,7 +85,7 @@ def load(c: Config, warn=None):
     """The embedder `choose` names, loaded and checked, or ModelLoadError (exit 2) naming the model.
     A build has run the same preflight before writing anything."""
     warn = warn or Warnings()
-    choice = choose(c)
+    choice = settled(c)
     if choice.runtime == "hash":
         return HashEmbedder(models.preflight(c).dim)
     if choice.runtime in ("onnx", "onnx-int8"):
