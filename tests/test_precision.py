@@ -114,6 +114,7 @@ def test_bf16_runs_on_the_cpu_only():
 
 def test_bf16_vectors_are_close_to_float32_but_not_equal(tmp_path):
     c = make_config(root=str(tmp_path), embed_batch=4, backend="torch-bf16")
+    (tmp_path / ".chroma-state").mkdir()  # a build's; without it the check is made and not recorded
     warn = Warnings()
     bf16 = embedders.load(c, warn)
     float32 = embedders.load(msgspec.structs.replace(c, backend="torch"))
@@ -141,6 +142,7 @@ def test_a_precision_below_the_tolerance_is_refused_and_its_record_reused(tmp_pa
 
     monkeypatch.setattr(torch_runtime.FlagEmbedder, "encode", planted)
     c = make_config(root=str(tmp_path), embed_batch=4, backend="torch-bf16")
+    (tmp_path / ".chroma-state").mkdir()
     for attempt in range(2):
         warn = Warnings()
         embedder = embedders.load(c, warn)
@@ -167,6 +169,7 @@ def test_auto_keeps_float32_where_the_reduced_precision_is_not_faster(tmp_path, 
 
     monkeypatch.setattr(probe, "timed_encode", planted_speed)
     c = make_config(root=str(tmp_path), docs="corpus", embed_batch=4)
+    (tmp_path / ".chroma-state").mkdir()
     assert "runs=torch/bf16" in cli.describe(c)  # not measured yet
     for attempt, warned in enumerate(({"precision_not_faster": 1}, {})):
         warn = Warnings()

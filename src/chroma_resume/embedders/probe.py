@@ -148,8 +148,9 @@ def trusted_precision(c: Config, float32, precision: str, machine: str, warn, *,
 
 def _record(c: Config, key: str, check: PrecisionCheck) -> None:
     """Add one check to the record, atomically. Re-read first: another build may have added its own.
-    A state root that cannot be written costs only a repeated check next time."""
+    A state root that cannot be written, or does not exist (a read-only command creates nothing),
+    costs only a repeated check next time."""
     records = {**read_records(c), key: check}
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(record_path(c)), exist_ok=True)
-        state.atomic_write(record_path(c), msgspec.json.encode(records))
+    if os.path.isdir(os.path.dirname(record_path(c))):
+        with contextlib.suppress(OSError):
+            state.atomic_write(record_path(c), msgspec.json.encode(records))
