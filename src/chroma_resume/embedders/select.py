@@ -82,7 +82,7 @@ def describe(c: Config) -> str:
 
 
 def load(c: Config, warn=None):
-    """The embedder `choose` names, loaded and checked, or ModelLoadError (exit 2) naming the model.
+    """The embedder `settled` names, loaded and checked, or ModelLoadError (exit 2) naming the model.
     A build has run the same preflight before writing anything."""
     warn = warn or Warnings()
     choice = settled(c)
