@@ -23,6 +23,7 @@ import numpy as np
 from .. import config as cfg
 from .. import failpoints, models, state
 from ..config import Config
+from ..errors import ModelLoadError
 
 # float32, fp16 and bf16 vectors of one model are one schema only while they agree this closely.
 # Measured (MiniLM, benchmark corpus): bf16 least 0.99994, mean 0.99998; verify --deep compares
@@ -112,7 +113,12 @@ def check_key(c: Config, precision: str, machine: str) -> str:
 
 
 def recorded(c: Config, precision: str, machine: str) -> PrecisionCheck | None:
-    return read_records(c).get(check_key(c, precision, machine))
+    """The recorded check, if any; None for a model that cannot be found (it has no identity, and the
+    read-only commands that describe it must not fail on that)."""
+    try:
+        return read_records(c).get(check_key(c, precision, machine))
+    except ModelLoadError:
+        return None
 
 
 def trusted_precision(c: Config, float32, precision: str, machine: str, warn, *, must_be_faster: bool):
