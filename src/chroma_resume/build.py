@@ -21,7 +21,7 @@ from typing import TextIO
 import msgspec
 
 from . import config as cfg
-from . import corpus, embedding, executor, failpoints, models, osfs, schema, state, store, wal
+from . import corpus, embedders, executor, failpoints, models, osfs, schema, state, store, wal
 from .audit import audit
 from .config import Config
 from .errors import CheckFailed, ChromaResumeError, Interrupted, StoreCorrupt, UsageError, WalCorrupt
@@ -67,7 +67,7 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
     model = models.preflight(c)  # every refusal about the model, before anything is created
     models.check_loadable(c)  # and that it loads (config and tokenizer through transformers, no weights)
-    embedding.prepare(c, warn)  # an export a backend cannot do without, made or refused now
+    embedders.prepare(c, warn)  # an export a backend cannot do without, made or refused now
     executor.connect(c)  # Ray missing (exit 2) or its cluster unreachable (exit 5): before anything is written
     p = state.paths(c)
     if not docs and not (listing.files or listing.dirs) and not c.allow_empty:

@@ -10,7 +10,7 @@ rebuilds it by name from its registry when the collection is opened. Without thi
 name is unknown and chromadb refuses the text query (ValueError: "Embedding function chroma_resume not
 found"), instead of ranking with its default model as it did before. The config names the model, pooling
 and maximum length, and the model is loaded on the first text to embed, exactly as a build loads it
-(embedding.load), so query vectors are the index's vectors. `describe(c)` is the same facts as collection
+(embedders.load), so query vectors are the index's vectors. `describe(c)` is the same facts as collection
 metadata (`chroma_resume:model`, …) for clients that do not run Python. Importing this module imports
 chromadb: the package's `import chroma_resume` does not.
 """
@@ -34,10 +34,9 @@ def _embedding_config(c: Config) -> dict[str, Any]:
     model = c.embed_model
     if not (models.is_stand_in(c) or model == cfg.DEFAULT_MODEL) and models.location(c) == cfg.path(c, model):
         model = cfg.path(c, model)
-    from .retrieval import query_instruction
-    return {"embed_model": model, "pooling": None if models.is_stand_in(c) else models.pooling(c),
+        return {"embed_model": model, "pooling": None if models.is_stand_in(c) else models.pooling(c),
             "max_length": models.effective_max_length(c),
-            "backend": c.backend, "normalized": True, "query_instruction": query_instruction(c.embed_model)}
+            "backend": c.backend, "normalized": True, "query_instruction": models.query_instruction(c.embed_model)}
 
 
 def describe(c: Config, dim: int) -> dict[str, Any]:
@@ -62,9 +61,9 @@ class IndexEmbeddingFunction(EmbeddingFunction[Documents]):
 
     def __call__(self, input: Documents) -> Embeddings:  # noqa: A002  (chromadb's keyword)
         if self._embedder is None:
-            from . import embedding
+            from . import embedders
             s = self.settings
-            self._embedder = embedding.load(cfg.make_config(embed_model=s["embed_model"], pooling=s["pooling"],
+            self._embedder = embedders.load(cfg.make_config(embed_model=s["embed_model"], pooling=s["pooling"],
                                                             max_length=s["max_length"], backend=s["backend"],
                                                             progress="off"))
         return [row for row in self._embedder.encode(list(input))]

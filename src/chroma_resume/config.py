@@ -44,7 +44,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     embed_model: str = DEFAULT_MODEL
     pooling: Literal["auto", "cls", "mean"] = "auto"
     device: str = "cpu"
-    fp16: Literal["auto", "on", "off"] = "auto"  # auto: half precision on CUDA, fp32 on CPU
+    fp16: Literal["auto", "on", "off"] = "auto"  # auto: --backend auto's checked fp16/bf16; off: float32; on: fp16 on CUDA
     max_length: int | None = None  # None: the model's declared maximum
     embed_batch: int | None = None  # texts per forward pass; None: 32 on a CPU, 256 on CUDA
     embed_cache: str = "embed-cache.sqlite3"  # relative to --state-root; "off" disables
@@ -78,8 +78,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ray_cpus_per_worker: float = 1.0
     ray_gpus_per_worker: float = 0.0
     max_batches_in_flight: int | None = None  # None: 1 locally, 2 per Ray worker
-    # auto: a checked ONNX export where one exists, else torch; onnx-int8 and torch-bf16 change vectors
-    # (they are part of the model's identity, so of the schema)
+    # auto: the fastest checked path (embedders/select.py); torch: float32, the reference. All but
+    # onnx-int8 are one schema (precision is a tolerance); int8 is a model identity of its own
     backend: Literal["auto", "torch", "onnx", "onnx-int8", "torch-bf16"] = "auto"
 
 

@@ -9,9 +9,11 @@ cluster changes where vectors are computed and nothing about what is committed o
 `local` is the model on one worker thread, one batch ahead of the writer. `ray` imports
 Ray only when chosen (the local path never does) and starts one actor per worker, each
 loading the model once. Every result carries its batch number and the worker's model
-fingerprint and dimension, and is refused when they are not the writer's: a node with
-another model, another revision or another precision would otherwise mix vector spaces
-in one collection. A worker that dies (actor killed, node lost) costs a re-submission of
+fingerprint, dimension and precision, and is refused when the fingerprint or dimension are not
+the writer's: a node with another model or another revision would otherwise mix vector spaces
+in one collection. Precision is not refused: each worker runs the fastest path its own machine
+checked (fp16 on a GPU, bf16 on a CPU with bfloat16 units, else float32), and every such path is
+within the probe check's tolerance of float32, so workers of different precisions serve one build. A worker that dies (actor killed, node lost) costs a re-submission of
 its batches to a live or a replacement actor; embedding is pure and the ids are known
 before it, so a batch computed twice is still written once.
 """
@@ -26,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import msgspec
 import numpy as np
 
-from . import embedding, failpoints, models
+from . import embedders, failpoints, models
 from .config import Config
 from .errors import Interrupted, ModelLoadError, RuntimeFailure, UsageError
 from .reporting import Warnings
@@ -126,7 +128,7 @@ class LocalExecutor:
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         if self.model is None:
-            self.model = embedding.load(self.c, self.warn)
+            self.model = embedders.load(self.c, self.warn)
         return np.asarray(self.model.encode(texts), dtype=np.float32)
 
     def close(self) -> None:
@@ -136,10 +138,12 @@ class LocalExecutor:
 # ---- Ray ---------------------------------------------------------------------------------
 
 class Identity(msgspec.Struct, frozen=True):
-    """What a worker computes vectors with, sent with every result."""
+    """What a worker computes vectors with, sent with every result. `precision` (float32, bf16,
+    fp16) is reported, not compared: trusted precisions are one schema (embedders/probe.py)."""
     fingerprint: str
     dim: int
     node: str
+    precision: str = "float32"
 
 
 def checked(identity: Identity, fingerprint: str, dim: int | None) -> int:
@@ -147,8 +151,8 @@ def checked(identity: Identity, fingerprint: str, dim: int | None) -> int:
     dimension per build. Anything else is refused (exit 2) before a vector of it is written."""
     if identity.fingerprint != fingerprint:
         raise ModelLoadError(f"Ray worker on {identity.node} computes vectors with model {identity.fingerprint}, "
-                             f"this build with {fingerprint}: install the same model (files, revision, "
-                             f"precision) on every node")
+                             f"this build with {fingerprint}: install the same model (files, revision) on every "
+                             f"node")
     if dim is not None and identity.dim != dim:
         raise ModelLoadError(f"Ray worker on {identity.node} returns {identity.dim}-d vectors, the others {dim}-d: "
                              f"refused")
@@ -162,12 +166,13 @@ class EmbedWorker:
         c = msgspec.json.decode(config, type=Config)
         self.error: ModelLoadError | None = None
         try:
-            self.model = embedding.load(c)
+            self.model = embedders.load(c)
         except ModelLoadError as exc:  # raised here it would reach the writer as a bare "actor died"
             self.error = exc
             return
         probe = np.asarray(self.model.encode(["dimension probe"]), dtype=np.float32)
-        self.identity = Identity(models.model_fingerprint(c), int(probe.shape[1]), socket.gethostname())
+        self.identity = Identity(models.model_fingerprint(c), int(probe.shape[1]), socket.gethostname(),
+                                 self.model.precision)
 
     def who(self) -> Identity:
         if self.error:

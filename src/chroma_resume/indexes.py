@@ -4,7 +4,7 @@ Each `[tool.chroma-resume.indexes.<name>]` table inherits the top-level table an
 repository states what its indexes share once (model, state root, cache) and what differs per index
 (corpus, collection). An index's collection defaults to its name; two indexes writing one collection
 of one database would delete each other's documents, so that is refused naming both tables.
-Besides the build options (cli.OPTIONS) a table may hold the doit wiring and the verify gate's
+Besides the build options (OPTIONS) a table may hold the doit wiring and the verify gate's
 inputs (TASK_KEYS): they describe the index's tasks, not its vectors, so they stay out of Config.
 A repository without index tables has one index, unnamed, made of the top-level table.
 Every error names the file, the table and the key.
@@ -17,9 +17,9 @@ import tomllib
 
 import msgspec
 
-from . import cli
 from . import config as cfg
 from .errors import UsageError
+from .options import OPTIONS, parse_bool
 
 # key -> (type, help): doit wiring and verify's gate, per index
 TASK_KEYS: dict[str, tuple[type, str]] = {
@@ -110,9 +110,9 @@ def resolve(index: Index, given: dict, root: str | None = None) -> cfg.Config:
     merged = {**configured, **stated}
     if root is not None and "root" not in merged:
         merged["root"] = root
-    for name, kind, _ in cli.OPTIONS:
+    for name, kind, _ in OPTIONS:
         if (kind == "bool" or name == "wal") and name in merged:
-            merged[name] = cli.parse_bool(merged[name], name)
+            merged[name] = parse_bool(merged[name], name)
     try:
         return cfg.make_config(**merged)
     except UsageError as exc:
@@ -135,7 +135,7 @@ def _blame(index: Index, configured: dict, stated: dict, exc: UsageError) -> str
 
 def _split(where: str, table: dict) -> tuple[dict, dict]:
     """(build options, task keys) of one table, each value type-checked alone so the message names its key."""
-    kinds = {name: kind for name, kind, _ in cli.OPTIONS}
+    kinds = {name: kind for name, kind, _ in OPTIONS}
     unknown = sorted(set(table) - set(kinds) - set(TASK_KEYS))
     if unknown:
         raise UsageError(f"{where}: {cfg.unknown_names_error('key', unknown, [*kinds, *TASK_KEYS])}")
@@ -151,7 +151,7 @@ def _split(where: str, table: dict) -> tuple[dict, dict]:
 def _option_value(where: str, key: str, kind, value):
     try:
         if kind == "bool" or key == "wal":  # wal is on|off on the command line, a bool in Config
-            return cli.parse_bool(value, key)
+            return parse_bool(value, key)
         if key in ("include", "exclude") and isinstance(value, str):
             return value
         if isinstance(kind, tuple):

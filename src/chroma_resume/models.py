@@ -2,9 +2,10 @@
 
 The one place that names a model (DESIGN §13: the model's identity is its content). The schema
 fingerprint and the embedding cache both key on `model_fingerprint`, a digest of the bytes of
-the files that shape a vector (config, tokenizer, weights) plus pooling, max length and
-precision. A folder updated in place, a symlink re-pointed or a hub revision that moved is
-another model, even under the same name; the same files under another path are the same model.
+the files that shape a vector (config, tokenizer, weights) plus pooling, max length and int8
+quantization (not float precision: that is a tolerance, checked by embedders/probe.py). A folder
+updated in place, a symlink re-pointed or a hub revision that moved is another model, even under
+the same name; the same files under another path are the same model.
 
 Hashing a multi-GB model on every run would make a no-op slow, so a file's digest is remembered
 by its stat (size, mtime, ctime, inode) in `<state-root>/model-digests.json`, written by builds
@@ -160,34 +161,28 @@ def _read_json_list(file: str) -> list:
 
 # ---- device and precision ----------------------------------------------------------
 
-# Backends whose vectors differ from the model's float32 ones, and what they do to it. Unlike the
-# float32 ONNX export (checked equal to torch, so not part of the identity), these are.
-REDUCED_PRECISION = {"onnx-int8": "int8 dynamic, per-channel weights, MatMul only",
-                     "torch-bf16": "bfloat16 autocast, float32 pooling and normalisation"}
+# Backends whose vectors differ from the model's by more than precision.PRECISION_MIN_COSINE, and what
+# they do to it: these are a model identity of their own. float32 (torch or the checked ONNX export),
+# fp16 on CUDA and bfloat16 on a CPU are not: they agree within that tolerance, checked on the probes
+# before a reduced precision is trusted (embedders/probe.py), so they share one schema and one cache.
+REDUCED_PRECISION = {"onnx-int8": "int8 dynamic, per-channel weights, MatMul only"}
 
 
-def half_precision(device: str, fp16: str) -> bool:
-    """--fp16 auto means half precision exactly on CUDA; decided from the options alone so
-    the model fingerprint needs no torch."""
-    return fp16 == "on" or (fp16 == "auto" and device.startswith("cuda"))
-
-
-def resolve_device(device: str, fp16: str, cuda_count: int) -> tuple[str, bool]:
-    """(torch device, half precision) for --device/--fp16, or ModelLoadError naming the option.
+def resolve_device(device: str, fp16: str, cuda_count: int) -> str:
+    """The torch device for --device/--fp16, or ModelLoadError naming the option.
 
     fp16 on a CPU is refused rather than quietly run in float32: the user asked for something
-    this device cannot do, and the option is part of the model fingerprint. Pure (the CUDA
-    device count is passed in) so it is tested without a GPU."""
+    this device cannot do. Pure (the CUDA device count is passed in) so it is tested without a GPU."""
     if device == "cpu":
         if fp16 == "on":
             raise ModelLoadError("--fp16 on needs a CUDA device; with --device cpu use --fp16 auto or off (float32)")
-        return "cpu", False
+        return "cpu"
     match = cfg.CUDA_DEVICE.match(device)
     if not match:
         raise ModelLoadError(f"--device {device!r}: expected cpu, cuda or cuda:N")
     if int(match.group(1) or 0) >= cuda_count:
         raise ModelLoadError(f"--device {device}: torch sees {cuda_count} CUDA device(s)")
-    return device, half_precision(device, fp16)
+    return device
 
 
 def cuda_device_count() -> int:
@@ -209,7 +204,7 @@ def _affects_vectors(name: str) -> bool:
 _MEMOS: dict[str, dict] = {}  # state root -> {"<realpath>": [size, mtime_ns, ctime_ns, ino, sha256]}
 
 
-def _memo(c: Config) -> tuple[str, dict]:
+def digest_memo(c: Config) -> tuple[str, dict]:
     """The remembered digests of this state root, read once per process."""
     path = os.path.join(cfg.path(c, c.state_root), DIGESTS_NAME)
     if path not in _MEMOS:
@@ -254,7 +249,7 @@ def content_identity(c: Config, where: str) -> list[tuple[str, str]]:
     folder = _snapshot_folder(where)
     if folder is None:
         raise ModelLoadError(_not_local(c, where))
-    _, memo = _memo(c)
+    _, memo = digest_memo(c)
     files = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if _affects_vectors(entry.name) and entry.is_file():
@@ -264,22 +259,26 @@ def content_identity(c: Config, where: str) -> list[tuple[str, str]]:
 
 def remember_digests(c: Config) -> None:
     """Persist the digests computed in this process (builds only: readers never write)."""
-    path, memo = _memo(c)
+    path, memo = digest_memo(c)
     if memo:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         osfs.atomic_write(path, msgspec.json.encode(memo))
 
 
 def model_fingerprint(c: Config) -> str:
-    """`family@digest` over everything that changes a vector (the files' content, pooling,
-    max_length, normalization, precision) and nothing else, computed without torch or the model.
-    The device is left out: CPU and CUDA float32 vectors differ by rounding only, half precision
-    by more. Raises ModelLoadError when the model's files cannot be found."""
+    """`family@digest` over everything that makes a vector (the files' content, pooling,
+    max_length, normalization, int8 quantization) and nothing else, computed without torch or the
+    model. Device and precision are left out: float32 on a CPU or CUDA, fp16 on CUDA and bfloat16 on
+    a CPU agree within a tolerance that is checked before a reduced precision is used (precision is
+    a tolerance, not an identity: design notes, issue 22). Raises ModelLoadError when the model's
+    files cannot be found."""
     if is_stand_in(c):
         return c.embed_model
     where = location(c)
     fields = {"files": content_identity(c, where), "pooling": pooling(c), "max_length": effective_max_length(c),
-              "normalize": True, "half_precision": half_precision(c.device, c.fp16)}
+              # The key every index was fingerprinted with while precision was part of the identity: always
+              # False now, so an index built in float32 keeps its fingerprint (no reset on upgrade).
+              "normalize": True, "half_precision": False}
     if c.backend in REDUCED_PRECISION:  # only then, so every float32 index keeps the fingerprint it had
         fields["reduced_precision"] = REDUCED_PRECISION[c.backend]
     if c.backend == "onnx-int8":  # another quantizer may make another int8 network of the same model
@@ -425,3 +424,19 @@ def preflight(c: Config) -> ModelInfo:
     if c.device != "cpu" or c.fp16 == "on":
         resolve_device(c.device, c.fp16, cuda_device_count() if c.device != "cpu" else 0)
     return ModelInfo(location=where, fingerprint=model_fingerprint(c), dim=dim, max_length=length)
+
+
+# Query instructions the model authors publish for retrieval (BGE v1.5 model cards): a search question is
+# embedded with it before it, passages without. Models not listed (MiniLM, bge-m3, the hash stand-in) embed
+# questions as they are.
+QUERY_INSTRUCTIONS = (
+    ("bge-m3", ""),
+    ("-zh", "为这个句子生成表示以用于检索相关文章："),
+    ("bge-", "Represent this sentence for searching relevant passages: "),
+)
+
+
+def query_instruction(model: str) -> str:
+    """The instruction a query gets before it is embedded with `model` ('' for most models)."""
+    name = model.lower()
+    return next((text for marker, text in QUERY_INSTRUCTIONS if marker in name), "") if "bge" in name else ""

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import msgspec
 
-from . import embedding, store
+from . import embedders, models, store
 from .config import Config
 from .errors import UsageError
-from .retrieval import query_instruction
 
 SNIPPET_CHARS = 160
 
@@ -32,7 +31,7 @@ def nearest(c: Config, text: str, top_k: int = 5) -> list[Hit]:
     db = store.open_store(c)
     if db is None or db.count() == 0:
         raise UsageError(f"collection {c.collection!r} is missing or empty: build it first (chroma-resume build)")
-    vector = embedding.load(c).encode([query_instruction(c.embed_model) + text])[0]
+    vector = embedders.load(c).encode([models.query_instruction(c.embed_model) + text])[0]
     return [Hit(meta.get("source_uri", "?"), chunk_id, meta.get("chunk_index", 0), distance, document or "")
             for chunk_id, distance, document, meta in db.search(vector, min(top_k, db.count()))]
 

@@ -17,22 +17,13 @@ from __future__ import annotations
 
 import msgspec
 
-from . import embedding, state, store
+from . import embedders, models, state, store
 from .config import Config
 from .errors import UsageError
 from .verify import Check
 
 DEFAULT_TOP_K = 5
 SHOW = 5  # missed questions named in the check's detail
-
-# Query instructions the model authors publish for retrieval (BGE v1.5 model cards). Models not listed
-# (MiniLM, bge-m3, the hash stand-in) embed questions as they are.
-QUERY_INSTRUCTIONS = (
-    ("bge-m3", ""),
-    ("-zh", "为这个句子生成表示以用于检索相关文章："),
-    ("bge-", "Represent this sentence for searching relevant passages: "),
-)
-
 
 class Question(msgspec.Struct, forbid_unknown_fields=True):
     query: str
@@ -83,11 +74,6 @@ def load_questions(path: str) -> list[Question]:
     return questions
 
 
-def query_instruction(model: str) -> str:
-    name = model.lower()
-    return next((text for marker, text in QUERY_INSTRUCTIONS if marker in name), "") if "bge" in name else ""
-
-
 def evaluate(c: Config, path: str, questions: list[Question], k: int = DEFAULT_TOP_K,
              min_recall: float = 0.0, index: str | None = None) -> tuple[Retrieval | None, Check]:
     """Ask the index every question; the check fails when mean recall@k is under min_recall. Before any
@@ -101,8 +87,8 @@ def evaluate(c: Config, path: str, questions: list[Question], k: int = DEFAULT_T
         return None, Check("retrieval", False, f"no {'manifest' if manifest is None else 'collection'} to ask "
                                                f"(see the checks above)")
     doc_of_uri = {uri: entry.doc_id for uri, entry in manifest.documents.items()}
-    embedder = embedding.load(c)
-    prefix = query_instruction(c.embed_model)
+    embedder = embedders.load(c)
+    prefix = models.query_instruction(c.embed_model)
     vectors = embedder.encode([prefix + q.query for q in questions])
     hits = db.nearest(vectors, min(k, db.count())) if db.count() else [[] for _ in questions]
     per_question = [_score(q, [chunk_id.rsplit(":", 2)[0] for chunk_id, _, _ in found], doc_of_uri)

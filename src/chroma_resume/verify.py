@@ -25,7 +25,7 @@ import msgspec
 import numpy as np
 
 from . import config as cfg
-from . import corpus, embedding, state, store, wal
+from . import corpus, embedders, state, store, wal
 from .chunking import chunk_text
 from .commands import command_line, move_command
 from .config import Config
@@ -435,7 +435,7 @@ def _sample(ids: list[str], deep: Deep) -> list[str]:
 
 def _deep_checks(c: Config, db: store.Store, sample: list[str], deep: Deep, space: "_Space", fixes: Fixes,
                  stream: TextIO) -> list[Check]:
-    embedder = embedding.load(c) if sample else None
+    embedder = embedders.load(c) if sample else None
     far: list[str] = []
     findable = _Findable(space, c.hnsw_space, min(NEIGHBOURS, db.count()))
     progress = _DeepProgress(len(sample), mode=c.progress, stream=stream)

@@ -1,10 +1,10 @@
 """ONNX Runtime on a CPU: the FlagEmbedding model exported once, checked against torch, then trusted.
 
-Why: on a CPU the forward passes are the whole cost of a cold build, and ONNX Runtime runs the
-same network ~1.5x faster than torch. The vectors must not change (the backend is not part of
-the schema, and cached vectors are shared by both backends), so an export is used only after a
-fixed probe set embedded by both runtimes agrees to cosine >= PROBE_MIN_COSINE; otherwise the
-build WARNs and keeps torch.
+Why: on a CPU without bfloat16 units the forward passes are the whole cost of a cold build, and
+ONNX Runtime runs the same float32 network at least as fast as torch. The vectors must not change
+(the backend is not part of the schema, and cached vectors are shared by both backends), so an
+export is used only after the probe set (probe.py) embedded by both runtimes agrees to cosine >=
+PROBE_MIN_COSINE; otherwise the build WARNs and keeps torch.
 
 `--backend onnx-int8` quantizes that checked export (dynamic int8, per-channel weights, the MatMuls
 only) into a folder of its own. Its vectors differ from the model's by design, so it is part of
@@ -31,10 +31,14 @@ from collections.abc import Iterator, Sequence
 import msgspec
 import numpy as np
 
-from . import embedding, failpoints, models, osfs
-from . import config as cfg
-from .config import Config
-from .errors import ModelLoadError, RuntimeFailure
+from .. import config as cfg
+from ..cache import cache_path
+from .. import failpoints, models, osfs
+from ..config import Config
+from ..errors import ModelLoadError, RuntimeFailure
+from . import torch_runtime
+from .base import CPU_BATCH, length_batches
+from .probe import PROBES, probe_cosines
 
 EXPORT_FORMAT = 2  # bump when the exported graph or the files beside it change meaning (2: sha256 in meta.json)
 EXPORT_FILES = ("model.onnx", "tokenizer.json")  # what meta.json's digests cover
@@ -44,23 +48,6 @@ PROBE_MIN_COSINE = 0.99999
 # the user asked for.
 INT8_MIN_COSINE = 0.95
 OPSET = 17
-# What the check must see: prose, CJK, code, a table, very short texts and texts cut at the
-# max length, embedded together so the batches pad (and the padding is masked) as in a build.
-PROBES = (
-    "The printing press spread quickly across Europe, and with it the habit of reading silently.",
-    "A write-ahead log records every change before it is applied, so a crash can be replayed to a "
-    "consistent state; the log is cut back to its last intact record when the tail is torn.",
-    "预写式日志在修改数据之前先把变更记录下来，崩溃之后可以重放日志恢复到一致的状态。",
-    "向量索引把文本切成块，每一块都交给模型计算嵌入。日本語の文章も少し混ぜておきます。한국어 문장도 있습니다.",
-    "def flush(buffer, size):\n    batch = [buffer.popleft() for _ in range(min(size, len(buffer)))]\n    return batch\n",
-    "SELECT key, dim, vector FROM vectors WHERE key IN (?, ?, ?) ORDER BY last_used DESC LIMIT 500;",
-    "| option | default | meaning |\n|---|---|---|\n| --embed-batch | 32 | texts per forward pass |",
-    "Short.",
-    "索引",
-    "A long paragraph about rivers, harbors and lanterns, written to run past the model's window. " * 30,
-    "长文本：模型只看得到前面的若干个词元，后面的部分会被截断，所以两种运行时必须在同一处截断。" * 12,
-    "for (int i = 0; i < n; ++i) { total += values[i] * weights[i]; } // accumulate\n" * 25,
-)
 # The machine's fault, not the model's (onnx not installed, a read-only or full disk): WARNed, the
 # build runs torch, and the next build tries again; nothing is remembered.
 _TRANSIENT = (ImportError, OSError, RuntimeFailure)
@@ -94,6 +81,7 @@ class OnnxEmbedder:
     def __init__(self, session, tokenizer, meta: ExportMeta, batch_size: int, name: str):
         self.session, self.tokenizer, self.meta = session, tokenizer, meta
         self.batch_size, self.name, self.dim = batch_size, name, meta.dim
+        self.precision = "int8" if meta.quantization else "float32"
         self.embedded = 0
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -102,7 +90,7 @@ class OnnxEmbedder:
             return vectors
         encodings = self.tokenizer.encode_batch(list(texts))  # truncation at max_length is set on it
         lengths = [len(e.ids) for e in encodings]
-        for picked in embedding.length_batches(lengths, self.batch_size):
+        for picked in length_batches(lengths, self.batch_size):
             vectors[picked] = self.session.run(None, self._feeds([encodings[i] for i in picked]))[0]
         self.embedded += len(texts)
         return vectors
@@ -124,7 +112,6 @@ class OnnxEmbedder:
 def export_dir(c: Config) -> str:
     """Beside the embedding cache (the state root when the cache is off), one folder per model
     fingerprint: the fingerprint covers the model's files, pooling, max length and precision."""
-    from .cache import cache_path
     base = cfg.path(c, c.state_root) if c.embed_cache == "off" else os.path.dirname(cache_path(c))
     name = re.sub(r"[^\w.@-]", "_", models.model_fingerprint(c))
     # Per onnxruntime version too: two installs sharing a state root would otherwise export over each other.
@@ -166,7 +153,7 @@ def _damage(folder: str, meta: ExportMeta) -> str:
 
 
 # Digests of export files hashed in this process, by stat: a build checks the int8 export before it
-# acts (embedding.prepare) and again when it loads it, and pays for the hash once.
+# acts (embedders.prepare) and again when it loads it, and pays for the hash once.
 _DIGESTS: dict = {}
 
 
@@ -184,11 +171,11 @@ def load(c: Config, warn):
     if c.backend == "onnx-int8":
         return _load_quantized(c, warn)
     folder, fingerprint = export_dir(c), models.model_fingerprint(c)
-    batch = c.embed_batch or embedding.CPU_BATCH
+    batch = c.embed_batch or CPU_BATCH
     try:
         meta = read_meta(folder, fingerprint, warn)
         if meta is None and c.backend == "auto":
-            return embedding.load_torch(c)  # auto never pays for an export: --backend onnx makes one
+            return torch_runtime.load_torch(c)  # auto never pays for an export: --backend onnx makes one
         if meta is None:
             with export_lock(folder):
                 meta = read_meta(folder, fingerprint)  # another build may have made it while we waited
@@ -200,7 +187,7 @@ def load(c: Config, warn):
     except _TRANSIENT as exc:
         cause = f"{type(exc).__name__}: {exc}"
     warn("onnx_backend_unused", folder=folder, cause=cause, fallback="torch")
-    return embedding.load_torch(c)
+    return torch_runtime.load_torch(c)
 
 
 @contextlib.contextmanager
@@ -241,7 +228,7 @@ def open_embedder(folder: str, meta: ExportMeta, batch: int, name: str) -> OnnxE
 # ---- export and check (torch is loaded here only) ------------------------------------
 
 def _export_and_check(c: Config, folder: str, fingerprint: str, batch: int, warn):
-    reference = embedding.load_torch(c)
+    reference = torch_runtime.load_torch(c)
     flag = reference.flag
     failpoints.fire("onnx.export", "begin")
     os.makedirs(folder, exist_ok=True)
@@ -271,7 +258,6 @@ def _export_and_check(c: Config, folder: str, fingerprint: str, batch: int, warn
                                    check_sec=time.perf_counter() - t1, sha256=_digests(folder))
     osfs.atomic_write(os.path.join(folder, "meta.json"), msgspec.json.encode(meta))  # the commit point
     failpoints.fire("onnx.export", "done")
-    candidate.embedded = reference.embedded = 0
     if not passed:
         warn("onnx_backend_unused", folder=folder, cause=cause, fallback="torch")
         return reference
@@ -374,14 +360,6 @@ def _quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         logging.disable(logging.NOTSET)
-
-
-def probe_cosines(candidate, reference) -> np.ndarray:
-    """Cosine of each probe's vector from both embedders (both return unit vectors)."""
-    got, want = candidate.encode(PROBES), reference.encode(PROBES)
-    if failpoints.enabled("bug.onnx_probe_mismatch"):  # planted: one probe's vector comes back permuted
-        got[-1] = np.roll(got[-1], 1)
-    return np.einsum("ij,ij->i", got.astype(np.float64), want.astype(np.float64))
 
 
 def _export_graph(flag, names: list[str], target: str) -> None:
