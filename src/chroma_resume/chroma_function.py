@@ -34,7 +34,7 @@ def _embedding_config(c: Config) -> dict[str, Any]:
     model = c.embed_model
     if not (models.is_stand_in(c) or model == cfg.DEFAULT_MODEL) and models.location(c) == cfg.path(c, model):
         model = cfg.path(c, model)
-        return {"embed_model": model, "pooling": None if models.is_stand_in(c) else models.pooling(c),
+    return {"embed_model": model, "pooling": None if models.is_stand_in(c) else models.pooling(c),
             "max_length": models.effective_max_length(c),
             "backend": c.backend, "normalized": True, "query_instruction": models.query_instruction(c.embed_model)}
 
