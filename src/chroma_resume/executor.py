@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 
 from . import embedders, failpoints, models
+from .embedders import OnPass
 from .config import Config
 from .errors import Interrupted, ModelLoadError, RuntimeFailure, UsageError
 from .reporting import Warnings
@@ -123,13 +124,14 @@ class LocalExecutor:
         self.model = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
 
-    def submit(self, texts: list[str]) -> Future:
-        return self.pool.submit(self._encode, texts)
+    def submit(self, texts: list[str], on_pass: OnPass | None = None) -> Future:
+        """on_pass(n) is called from the worker thread after each forward pass."""
+        return self.pool.submit(self._encode, texts, on_pass)
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def _encode(self, texts: list[str], on_pass: OnPass | None) -> np.ndarray:
         if self.model is None:
             self.model = embedders.load(self.c, self.warn)
-        return np.asarray(self.model.encode(texts), dtype=np.float32)
+        return np.asarray(self.model.encode(texts, on_pass), dtype=np.float32)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -203,11 +205,12 @@ class RayExecutor:
         self.batch_no = 0
         self.losses = 0
 
-    def submit(self, texts: list[str]) -> "RayBatch":
+    def submit(self, texts: list[str], on_pass: OnPass | None = None) -> "RayBatch":
+        """on_pass(len(texts)) once the batch's vectors are back (an actor's passes are not seen here)."""
         if not self.busy:
             self._start_actors(self.c.ray_workers)
         self.batch_no += 1
-        batch = RayBatch(self, self.batch_no, texts)
+        batch = RayBatch(self, self.batch_no, texts, on_pass)
         self._send(batch)
         return batch
 
@@ -276,8 +279,8 @@ class RayBatch:
     """One batch on its way through an actor; `.result()` waits, re-submits after a lost worker,
     and refuses vectors that are not this batch's or not this model's."""
 
-    def __init__(self, pool: RayExecutor, batch_no: int, texts: list[str]):
-        self.pool, self.batch_no, self.texts = pool, batch_no, texts
+    def __init__(self, pool: RayExecutor, batch_no: int, texts: list[str], on_pass: OnPass | None = None):
+        self.pool, self.batch_no, self.texts, self.on_pass = pool, batch_no, texts, on_pass
         self.actor = self.ref = None
 
     def result(self) -> np.ndarray:
@@ -300,4 +303,6 @@ class RayBatch:
         if batch_no != self.batch_no or vectors.shape != (len(self.texts), self.pool.dim):
             raise RuntimeFailure(f"Ray worker on {identity.node} answered batch {self.batch_no} with batch {batch_no} "
                                  f"of shape {vectors.shape}: refused")
+        if self.on_pass:
+            self.on_pass(len(self.texts))
         return vectors

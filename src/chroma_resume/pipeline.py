@@ -96,9 +96,10 @@ class VectorSource:
         self.counters.chunks_from_cache += len(usable)
         return usable
 
-    def encode(self, texts: list[str]):
-        """Hand texts to the model; the returned handle's `.result()` is their float32 rows."""
-        return self.executor.submit(texts)
+    def encode(self, texts: list[str], on_pass=None):
+        """Hand texts to the model; the returned handle's `.result()` is their float32 rows. on_pass(n):
+        n more texts embedded (called from the model's thread)."""
+        return self.executor.submit(texts, on_pass)
 
     def remember(self, texts: list[str], vectors: np.ndarray) -> None:
         """Before the upsert of the same rows: a kill after it keeps what the model paid for."""
@@ -145,6 +146,7 @@ class Pipeline:
                                      old_content_sha256=action.old_content_sha256, n_chunks=len(texts),
                                      kind=action.kind, meta_sha256=action.meta_sha256))
         opened = OpenDoc(action, doc, len(texts), len(texts))
+        self.progress.chunked(len(texts))
         reuse = next((g for g in action.reuse if g.n_chunks == len(texts)), None)
         for i, text in enumerate(texts):
             meta = state.chunk_metadata(doc.uri, doc.doc_id, doc.content_sha256, doc.source_type, doc.metadata,
@@ -201,7 +203,8 @@ class Pipeline:
         cached = self.source.lookup([todo[i].text for i in rest])
         vectors.update({rest[k]: v for k, v in cached.items()})
         misses = [i for i in rest if i not in vectors]
-        computing = self.source.encode([todo[i].text for i in misses]) if misses else None
+        self.progress.ready(len(batch) - len(misses))  # held, re-keyed or cached: no model needed
+        computing = self.source.encode([todo[i].text for i in misses], self.progress.ready) if misses else None
         return _Prepared(batch, todo, metadatas, vectors, misses, computing)
 
     def _write(self, p: _Prepared) -> None:
@@ -225,7 +228,6 @@ class Pipeline:
                                                  chunks_upserted_total=self.totals["upserted"]))
         if not failpoints.enabled("bug.commit_before_upsert"):
             self._account(p.batch)
-        self.progress.advance(chunks=len(p.batch))
         self.settle()
 
     def _account(self, batch: list[Chunk]) -> None:

@@ -548,14 +548,12 @@ def _cosine(stored: np.ndarray, again) -> float:
 
 
 class _DeepProgress(Progress):
-    """Progress's pacing (live on a terminal, a line every few seconds in a log), counting chunks audited."""
+    """Progress's display and pacing, counting the chunks re-embedded and looked up (a known total)."""
 
-    def _draw(self, now: float) -> None:
-        rate = self.docs / max(now - self.started, 1e-9)
-        eta = f"{(self.total_docs - self.docs) / rate:.0f}s" if rate > 0 else "?"
-        line = f"[DEEP] {self.docs}/{self.total_docs} chunks re-embedded and looked up ({rate:.1f}/s, eta {eta})"
-        self.stream.write(("\r" + line + "\x1b[K") if self.live else line + "\n")
-        self.stream.flush()
+    label = "[DEEP]"
+
+    def counts(self) -> tuple[int, int | None, str]:
+        return self.docs, self.total_docs, "re-embedded and looked up"
 
 
 # ---- reports for CI ----------------------------------------------------------------------

@@ -3,11 +3,11 @@ with its int8, hash_standin), one probe check shared by all (probe), and one fun
 checks the embedder for a configuration (select.load). Callers import from here."""
 from __future__ import annotations
 
-from .base import CPU_BATCH, CUDA_BATCH, Embedder, length_batches
+from .base import CPU_BATCH, CUDA_BATCH, Embedder, OnPass, length_batches
 from .hash_standin import HashEmbedder
 from .onnx_runtime import OnnxEmbedder
 from .select import choose, describe, load, prepare
 from .torch_runtime import FlagEmbedder, load_torch
 
-__all__ = ["CPU_BATCH", "CUDA_BATCH", "Embedder", "FlagEmbedder", "HashEmbedder", "OnnxEmbedder", "choose",
+__all__ = ["CPU_BATCH", "CUDA_BATCH", "Embedder", "FlagEmbedder", "HashEmbedder", "OnPass", "OnnxEmbedder", "choose",
            "describe", "length_batches", "load", "load_torch", "prepare"]

@@ -8,7 +8,7 @@ model identity of its own (models.model_fingerprint).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -17,6 +17,8 @@ import numpy as np
 # (and token-length batching keeps their padding small); a CPU gains nothing past ~32.
 CPU_BATCH, CUDA_BATCH = 32, 256
 
+OnPass = Callable[[int], None]
+
 
 class Embedder(Protocol):
     name: str
@@ -24,7 +26,10 @@ class Embedder(Protocol):
     precision: str
     embedded: int
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+    def encode(self, texts: Sequence[str], on_pass: OnPass | None = None) -> np.ndarray:
+        """on_pass(n) after each forward pass of n texts: progress moves while the model works
+        (an upsert batch is several passes, minutes for a large model)."""
+        ...
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .base import OnPass
+
 
 class HashEmbedder:
     """Deterministic unit vectors from SHA-256 of the text: same text, same vector."""
@@ -19,9 +21,12 @@ class HashEmbedder:
         self.name = f"hash:{dim}"
         self.embedded = 0
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], on_pass: OnPass | None = None) -> np.ndarray:
         self.embedded += len(texts)
-        return np.array([self._vector(t) for t in texts], dtype=np.float32).reshape(len(texts), self.dim)
+        vectors = np.array([self._vector(t) for t in texts], dtype=np.float32).reshape(len(texts), self.dim)
+        if on_pass:
+            on_pass(len(texts))
+        return vectors
 
     def _vector(self, text: str) -> list[float]:
         raw = b""

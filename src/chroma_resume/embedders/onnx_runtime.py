@@ -37,7 +37,7 @@ from .. import failpoints, models, osfs
 from ..config import Config
 from ..errors import ModelLoadError, RuntimeFailure
 from . import torch_runtime
-from .base import CPU_BATCH, length_batches
+from .base import CPU_BATCH, OnPass, length_batches
 from .probe import PROBES, probe_cosines
 
 EXPORT_FORMAT = 2  # bump when the exported graph or the files beside it change meaning (2: sha256 in meta.json)
@@ -84,7 +84,7 @@ class OnnxEmbedder:
         self.precision = "int8" if meta.quantization else "float32"
         self.embedded = 0
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], on_pass: OnPass | None = None) -> np.ndarray:
         vectors = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return vectors
@@ -92,6 +92,8 @@ class OnnxEmbedder:
         lengths = [len(e.ids) for e in encodings]
         for picked in length_batches(lengths, self.batch_size):
             vectors[picked] = self.session.run(None, self._feeds([encodings[i] for i in picked]))[0]
+            if on_pass:
+                on_pass(len(picked))
         self.embedded += len(texts)
         return vectors
 

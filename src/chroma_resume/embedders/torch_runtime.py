@@ -16,7 +16,7 @@ import numpy as np
 from .. import models
 from ..config import Config
 from ..errors import ModelLoadError
-from .base import CPU_BATCH, CUDA_BATCH, length_batches
+from .base import CPU_BATCH, CUDA_BATCH, OnPass, length_batches
 
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}  # precision -> torch dtype of the matrix products
 
@@ -50,7 +50,7 @@ class FlagEmbedder:
             return contextlib.nullcontext()
         return self.torch.autocast(self.device.split(":")[0], dtype=getattr(self.torch, AUTOCAST[self.precision]))
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], on_pass: OnPass | None = None) -> np.ndarray:
         """(len(texts), dim) float32, in the order given. The texts are tokenized once and
         batched by token count, so each batch pads only to its own longest text (character
         length mixes CJK, code and prose and roughly doubles the padding)."""
@@ -66,6 +66,8 @@ class FlagEmbedder:
                 hidden = flag.model(**batch, return_dict=True).last_hidden_state.float()
                 pooled = flag.pooling(hidden, batch["attention_mask"])
                 vectors[picked] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+                if on_pass:
+                    on_pass(len(picked))
         self.embedded += len(texts)
         return vectors
 
