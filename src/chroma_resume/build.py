@@ -66,8 +66,9 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
     listing = corpus.Listing()
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
     model = models.preflight(c)  # every refusal about the model, before anything is created
-    models.check_loadable(c)  # and that it loads (config and tokenizer through transformers, no weights)
     embedders.prepare(c, warn)  # an export a backend cannot do without, made or refused now
+    if embedders.needs_transformers(c):
+        models.check_loadable(c)  # and that it loads (config and tokenizer through transformers, no weights)
     executor.connect(c)  # Ray missing (exit 2) or its cluster unreachable (exit 5): before anything is written
     p = state.paths(c)
     if not docs and not (listing.files or listing.dirs) and not c.allow_empty:

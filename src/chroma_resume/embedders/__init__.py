@@ -6,8 +6,8 @@ from __future__ import annotations
 from .base import CPU_BATCH, CUDA_BATCH, Embedder, OnPass, length_batches
 from .hash_standin import HashEmbedder
 from .onnx_runtime import OnnxEmbedder
-from .select import choose, describe, load, prepare
+from .select import choose, describe, load, needs_transformers, prepare
 from .torch_runtime import FlagEmbedder, load_torch
 
 __all__ = ["CPU_BATCH", "CUDA_BATCH", "Embedder", "FlagEmbedder", "HashEmbedder", "OnPass", "OnnxEmbedder", "choose",
-           "describe", "length_batches", "load", "load_torch", "prepare"]
+           "describe", "length_batches", "load", "load_torch", "needs_transformers", "prepare"]

@@ -167,6 +167,13 @@ def _sha256(path: str) -> str:
         return ""
 
 
+def exported(c: Config) -> bool:
+    """A checked, intact export of this model (float32, or int8 under --backend onnx-int8: its own
+    fingerprint, its own folder) is on disk."""
+    meta = read_meta(export_dir(c), models.model_fingerprint(c))
+    return meta is not None and meta.passed
+
+
 def load(c: Config, warn):
     """The checked ONNX embedder for a CPU build, exporting and checking it first if needed;
     the torch embedder (after a WARN) when the export cannot be made or did not pass."""

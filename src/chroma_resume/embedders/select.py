@@ -97,6 +97,16 @@ def load(c: Config, warn=None):
                                    must_be_faster=c.backend == "auto")
 
 
+def needs_transformers(c: Config) -> bool:
+    """Whether this configuration's embedder loads through transformers (torch): not the stand-in, not
+    a checked ONNX export on disk (ONNX Runtime and its tokenizer.json, proven when it was made). A build
+    proves a transformers model loadable before it acts (models.check_loadable) only then, so a no-op
+    build over an ONNX export imports neither torch nor transformers."""
+    if models.is_stand_in(c):
+        return False
+    return not (settled(c).runtime in ("onnx", "onnx-int8") and onnx_runtime.exported(c))
+
+
 def prepare(c: Config, warn) -> None:
     """What must exist before a build's first act. The model loads lazily (a no-op build never pays
     for it), but --backend onnx-int8 has no fallback: its export is made, or refused with exit 2,
