@@ -5,6 +5,7 @@ median of --rounds runs:
   chromadb     what a user could run instead to read the collection's metadata: PersistentClient(...)
                .get_collection(name).metadata (import included);
   catalogue    our read of the same fingerprint (store.stored_fingerprint: Chroma's sqlite catalogue);
+  catalogue_ids  the collection's ids from the same catalogue (compared with the manifest's ids);
   up_to_date   the whole check (manifest, LATEST, WAL, fingerprint, a hash of every document);
   doit build   `doit build` saying "-- build" (doit's own start and task loading included).
 Ratios are against the chromadb read. No model is loaded anywhere (asserted: torch never imported).
@@ -29,6 +30,7 @@ PROBES = {
     "chromadb": "import chromadb; m = chromadb.PersistentClient(path='.chroma').get_collection('bench').metadata\n"
                 "assert m['chroma_resume:incarnation']",
     "catalogue": CONFIG + "from chroma_resume import store; assert store.stored_fingerprint(c)['incarnation']",
+    "catalogue_ids": CONFIG + "from chroma_resume import store; assert store.catalogue_ids(c)",
     "up_to_date": CONFIG + "import sys; from chroma_resume.status import up_to_date\nassert up_to_date(c)[0], "
                            "up_to_date(c)\nassert 'torch' not in sys.modules",
 }

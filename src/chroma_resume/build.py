@@ -92,6 +92,35 @@ def _refuse_wiping(c: Config, p: dict) -> None:
                          f"{c.collection!r}. Pass --allow-empty true if that is what you want")
 
 
+def refuse_unresumable(c: Config, p: dict, decision: ResumeDecision) -> None:
+    """--resume force refuses a run it cannot continue, before anything changes (also dry run's refusal)."""
+    if c.resume == "force" and not decision.active:
+        raise WalCorrupt(f"--resume force: cannot resume ({decision.reason}) from {p['wal']}; nothing was "
+                         f"changed. Rerun without --resume force to build afresh")
+
+
+def refuse_schema_change(c: Config, fp: dict, schema_hash: str) -> None:
+    """--schema-change fail refuses to reset a collection of another schema (also dry run's refusal)."""
+    if c.schema_change == "fail":
+        held = f"schema {fp['schema_hash'] or 'unknown (not built by chroma-resume)'}, space {fp['space']}"
+        raise UsageError(f"schema changed: collection {c.collection!r} in {cfg.db_identity(c)} holds {held}; "
+                         f"this configuration is schema {schema_hash}, space {c.hnsw_space} "
+                         f"(--schema-change fail; a changed model, even behind the same name, is a schema "
+                         f"change). Use --schema-change reset to rebuild it")
+
+
+def vouched(fp: dict, manifest: state.Manifest | None, wal_run: str | None) -> bool:
+    """Whether records cover every write the collection has seen (DESIGN §13): the collection itself
+    says it reached the manifest's run, and nothing wrote since but the run whose WAL this build
+    reads (that WAL's facts are checked by content, never trusted). A run id alone proves nothing:
+    a resumed run keeps its id, so a manifest naming run R proves that some copy of the store
+    finished R, not this one (a backup or copy taken mid-run still says `writing=R`, `recorded`
+    the run before). A collection restored from a backup, or a state folder restored to an older
+    manifest, fails the same test."""
+    manifest_run = manifest.last_build.get("run_id") if manifest is not None else None
+    return fp["recorded"] == manifest_run and fp["writing"] in (None, wal_run)
+
+
 def _remove_temp_files(p: dict) -> None:
     """A kill between writing and renaming a manifest or LATEST leaves its temp file behind."""
     for pattern in (f"{p['manifest']}.tmp.*", os.path.join(p["collection_dir"], f"{state.LATEST_NAME}.tmp.*")):
@@ -147,9 +176,7 @@ class _Run:
                                    db=cfg.db_identity(c), incarnation=incarnation or NEW_COLLECTION,
                                    wal_enabled=c.wal,
                                    manifest_run_id=manifest.last_build.get("run_id") if manifest else None)
-        if c.resume == "force" and not decision.active:
-            raise WalCorrupt(f"--resume force: cannot resume ({decision.reason}) from {p['wal']}; nothing was "
-                             f"changed. Rerun without --resume force to build afresh")
+        refuse_unresumable(c, p, decision)
         self.recorded_before = manifest is not None  # what the next build does after a --wal off interruption
         missing_state = manifest is None and not decision.active and held > 0 and not reset
         if missing_state and c.on_missing_state == "fail":
@@ -162,7 +189,7 @@ class _Run:
             self.warn("store_set_aside", path=self.summary.store_set_aside, cause=damage)
         self.db = db = self._collection(db, fp, reset or (missing_state and c.on_missing_state == "reset"), held)
         wal_run = replay.start.run_id if replay and (decision.active or decision.reason in FACTS_ONLY) else None
-        if not self._vouched(db.fingerprint(), manifest, wal_run) and not failpoints.enabled("bug.skip_audit"):
+        if not vouched(db.fingerprint(), manifest, wal_run) and not failpoints.enabled("bug.skip_audit"):
             manifest = self._audited(db, manifest)
         if state.read_latest(p["collection_dir"]) != self.schema:
             state.write_latest(p["collection_dir"], self.schema)
@@ -224,14 +251,8 @@ class _Run:
         return None
 
     def _check_schema_change(self, fp: dict) -> None:
-        c = self.c
-        if c.schema_change == "fail":
-            held = f"schema {fp['schema_hash'] or 'unknown (not built by chroma-resume)'}, space {fp['space']}"
-            raise UsageError(f"schema changed: collection {c.collection!r} in {cfg.db_identity(c)} holds {held}; "
-                             f"this configuration is schema {self.schema}, space {c.hnsw_space} "
-                             f"(--schema-change fail; a changed model, even behind the same name, is a schema "
-                             f"change). Use --schema-change reset to rebuild it")
-        self.warn("schema_reset", collection=c.collection, old=fp["schema_hash"] or "unknown", new=self.schema)
+        refuse_schema_change(self.c, fp, self.schema)
+        self.warn("schema_reset", collection=self.c.collection, old=fp["schema_hash"] or "unknown", new=self.schema)
 
     def _check_dimension(self, db: store.Store) -> None:
         """Same schema, other dimension: only a collection written by something else gets here."""
@@ -254,18 +275,6 @@ class _Run:
         if (fp["schema_hash"], fp["space"]) != (self.schema, c.hnsw_space):  # empty: nothing to lose
             return db.recreate(c, self.schema)
         return db
-
-    @staticmethod
-    def _vouched(fp: dict, manifest: state.Manifest | None, wal_run: str | None) -> bool:
-        """Whether records cover every write the collection has seen (DESIGN §13): the collection itself
-        says it reached the manifest's run, and nothing wrote since but the run whose WAL this build
-        reads (that WAL's facts are checked by content, never trusted). A run id alone proves nothing:
-        a resumed run keeps its id, so a manifest naming run R proves that some copy of the store
-        finished R, not this one (a backup or copy taken mid-run still says `writing=R`, `recorded`
-        the run before). A collection restored from a backup, or a state folder restored to an older
-        manifest, fails the same test."""
-        manifest_run = manifest.last_build.get("run_id") if manifest is not None else None
-        return fp["recorded"] == manifest_run and fp["writing"] in (None, wal_run)
 
     def _audited(self, db: store.Store, manifest: state.Manifest | None) -> state.Manifest:
         """Rows may have changed where no record says how: rebuild the manifest from what Chroma holds."""

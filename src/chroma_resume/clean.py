@@ -33,12 +33,23 @@ def clean_wal(c: Config, *, force: bool = False, archive: str | None = None) -> 
                 f"WAL {path} belongs to unfinished run {run_id}: {committed} committed document(s) would be "
                 f"forgotten and re-embedded. Run the build to resume it, or pass --force")
         if archive:
-            target = os.path.join(archive, f"index_state.stage.{run_id}.jsonl.gz")
+            target = _unused_archive_name(archive, run_id)
             _archive(path, target)
             _remove(path)
             return f"archived WAL of run {run_id} ({'finished' if finished else 'UNFINISHED'}) to {target}"
         _remove(path)
         return f"removed WAL {path} of run {run_id} ({'finished' if finished else 'UNFINISHED, forced'})"
+
+
+def _unused_archive_name(folder: str, run_id: str) -> str:
+    """`index_state.stage.<run>.jsonl.gz`, numbered `.2`, `.3`... where that name is taken: every WAL
+    that names no run is archived as run `unreadable`, and the same run's WAL can be archived twice (a
+    copy restored and archived again); an archive must never replace the records of an earlier one."""
+    target, number = os.path.join(folder, f"index_state.stage.{run_id}.jsonl.gz"), 1
+    while os.path.exists(target):
+        number += 1
+        target = os.path.join(folder, f"index_state.stage.{run_id}.{number}.jsonl.gz")
+    return target
 
 
 def _archive(path: str, target: str) -> None:

@@ -233,15 +233,26 @@ def _metadata_problems(metadata: dict | None) -> list[str]:
     return problems
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def jsonl_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL file with their 1-based numbers, a leading UTF-8 BOM dropped: Windows
+    PowerShell 5's `Out-File -Encoding utf8` and Notepad's "UTF-8 with BOM" start a file with one, which
+    JSON tools read past and msgspec refuses (for the units file and `verify --queries`' golden file)."""
+    for lineno, raw in enumerate(lines, 1):
+        raw = raw.removeprefix(UTF8_BOM) if lineno == 1 else raw
+        if raw.strip():
+            yield lineno, raw
+
+
 def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document]:
     """Validate the whole file before yielding, so bad input stops the run before any write."""
     errors: list[str] = []
     first_line: dict[str, int] = {}
     first_id: dict[str, int] = {}
     with open(location, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
+        for lineno, raw in jsonl_lines(fh):
             try:
                 unit = _unit_decoder.decode(raw)
             except msgspec.DecodeError as exc:
@@ -263,9 +274,7 @@ def _units(c: Config, location: str, only: set[str] | None) -> Iterator[Document
         more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise UsageError(f"units file has {len(errors)} bad line(s):\n  {shown}{more}")
     with open(location, "rb") as fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
+        for _, raw in jsonl_lines(fh):
             unit = _unit_decoder.decode(raw)
             if only is not None and unit.source_uri not in only:
                 continue

@@ -13,6 +13,7 @@ import msgspec
 
 from . import config as cfg
 from . import corpus, state, store, wal
+from .build import _refuse_wiping, refuse_schema_change, refuse_unresumable, vouched
 from .config import Config
 from .plan import FACTS_ONLY, make_plan
 from .reporting import Warnings
@@ -54,10 +55,21 @@ def dry_run(c: Config, warn: Warnings | None = None) -> DryRun:
     p = state.paths(c)
     listing = corpus.Listing()
     docs = [msgspec.structs.replace(d, text="") for d in corpus.scan(c, warn, listing=listing)]
+    # The build's own refusals, by the build's own functions: a preview of a run that will not happen,
+    # or of deletions the build refuses, must end as that build does (its exit code and message).
+    if not docs and not (listing.files or listing.dirs) and not c.allow_empty:
+        _refuse_wiping(c, p)
+    fingerprint = _stored_fingerprint(c)
+    if fingerprint and store.catalogue_rows(c) and \
+            (fingerprint["schema_hash"], fingerprint["space"]) != (schema_hash(c), c.hnsw_space):
+        refuse_schema_change(c, fingerprint, schema_hash(c))
     manifest = state.load_manifest(p["manifest"]) if state.read_latest(p["collection_dir"]) == schema_hash(c) \
         else None  # another configuration's index: a build starts this one afresh
     replay = wal.read(p["wal"])
     decision = next_run(c, replay, manifest)
+    refuse_unresumable(c, p, decision)
+    wal_run = replay.start.run_id if replay and replay.start and (decision.active or decision.reason in FACTS_ONLY) \
+        else None
     facts = replay if decision.active or decision.reason in FACTS_ONLY else None
     plan = make_plan(docs, manifest.documents if manifest else {}, facts, c.sync_mode, listing,
                      trust_commits=decision.active, leftovers=manifest.leftovers if manifest else [])
@@ -72,11 +84,23 @@ def dry_run(c: Config, warn: Warnings | None = None) -> DryRun:
                   deleted=deleted, resumed=sorted(by_kind.get("resumed", [])),
                   restored=sorted(by_kind.get("restore", [])), rewritten=sorted(by_kind.get("refresh", [])),
                   unchanged=len(by_kind.get("unchanged", [])), kept_unreadable=sorted(by_kind.get("kept", [])),
-                  resume_reason=decision.reason, store_note=_store_note(c, manifest))
+                  resume_reason=decision.reason, store_note=_store_note(c, manifest, wal_run))
 
 
-def _store_note(c: Config, manifest: state.Manifest | None) -> str:
-    """Why the build will audit the collection before it plans (it then restores what is missing)."""
+def _stored_fingerprint(c: Config) -> dict | None:
+    """The collection's fingerprint from an embedded store's catalogue; None for a server, a missing
+    store or collection, or a catalogue that cannot be read (the build's store check then decides)."""
+    if c.chroma_host or store.embedded_store_missing(c):
+        return None
+    try:
+        return store.catalogue_fingerprint(c)
+    except sqlite3.Error:
+        return None
+
+
+def _store_note(c: Config, manifest: state.Manifest | None, wal_run: str | None) -> str:
+    """Why the build will audit the collection before it plans (it then restores what is missing):
+    the build's own trust decision (build.vouched) over the catalogue's fingerprint."""
     if manifest is None or c.chroma_host:
         return ""
     if store.embedded_store_missing(c):
@@ -87,4 +111,9 @@ def _store_note(c: Config, manifest: state.Manifest | None) -> str:
         return "Chroma's catalogue could not be read: the build checks the store first"
     if not found or found.get("incarnation") != manifest.incarnation:
         return f"collection {c.collection!r} is not the one the manifest describes: the build audits it first"
+    if not vouched(found, manifest, wal_run):
+        return (f"no record covers the collection's last writes (written by run {found['writing'] or 'none'}, "
+                f"recorded by {found['recorded'] or 'none'}, manifest of run "
+                f"{manifest.last_build.get('run_id') or 'none'}, a restored backup or state folder): the build "
+                f"audits it first and rewrites what it holds in another version")
     return ""

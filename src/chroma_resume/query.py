@@ -28,7 +28,8 @@ def nearest(c: Config, text: str, top_k: int = 5) -> list[Hit]:
         raise UsageError(f"--top-k {top_k}: at least 1")
     if not text.strip():
         raise UsageError("query: give the text to search for")
-    db = store.open_store(c)
+    # A client creates its folder and chroma.sqlite3 on opening: a typo in --db must not leave one behind
+    db = None if store.embedded_store_missing(c) else store.open_store(c)
     if db is None or db.count() == 0:
         raise UsageError(f"collection {c.collection!r} is missing or empty: build it first (chroma-resume build)")
     vector = embedders.load(c).encode([models.query_instruction(c.embed_model) + text])[0]

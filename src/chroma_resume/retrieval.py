@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import msgspec
 
-from . import embedders, models, state, store
+from . import corpus, embedders, models, state, store
 from .config import Config
 from .errors import UsageError
 from .verify import Check
@@ -59,9 +59,7 @@ def load_questions(path: str) -> list[Question]:
     except OSError as exc:
         raise UsageError(f"--queries {path}: {exc.strerror or exc}") from None
     questions = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in corpus.jsonl_lines(lines):
         try:
             question = msgspec.json.decode(line, type=Question)
         except msgspec.DecodeError as exc:

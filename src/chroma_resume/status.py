@@ -137,8 +137,9 @@ def up_to_date(c: Config) -> tuple[bool, str]:
     """True when a build would have nothing to do: manifest current, no WAL, the collection the
     manifest describes (its fingerprint and incarnation, DESIGN §13), corpus unchanged.
 
-    Costs one read and hash per document and one read of Chroma's catalogue (no chromadb import for an
-    embedded store; a server is asked through the client), so `doit build` on every push is nearly free."""
+    Costs one read and hash per document and one read of Chroma's catalogue, its ids included (no chromadb
+    import for an embedded store; a server is asked through the client), so `doit build` on every push is
+    nearly free. A row's metadata or vector changed by hand in place is not seen: only verify reads those."""
     from . import corpus
     from .reporting import Warnings
 
@@ -169,9 +170,15 @@ def up_to_date(c: Config) -> tuple[bool, str]:
                        f"{manifest.last_build.get('run_id') or 'none'}): a build audits it")
     if manifest.leftovers and c.sync_mode != "none":
         return False, "old generations left by --sync-mode none are to be deleted"
-    rows = None if manifest.leftovers else store.catalogue_rows(c)
-    if rows is not None and rows != manifest.expected_chunks:
-        return False, f"collection {c.collection!r} holds {rows} rows, the manifest records {manifest.expected_chunks}"
+    held = None if manifest.leftovers else store.catalogue_ids(c)
+    if held is not None:
+        expected = {chunk for e in manifest.documents.values()
+                    for chunk in state.generation_ids(e.doc_id, e.content_sha256, e.n_chunks)}
+        if held != expected:
+            stray, missing = sorted(held - expected), sorted(expected - held)
+            return False, (f"collection {c.collection!r} holds {len(held)} rows, the manifest records "
+                           f"{len(expected)}: {len(stray)} not recorded {stray[:3]}, {len(missing)} missing "
+                           f"{missing[:3]}")
     with open(os.devnull, "w") as quiet:
         current = {d.uri: (d.doc_id, d.content_sha256, state.meta_sha256(d.metadata, d.source_type))
                    for d in corpus.scan(c, Warnings(stream=quiet))}

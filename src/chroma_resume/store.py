@@ -299,6 +299,31 @@ def catalogue_fingerprint(c: Config) -> dict | None:
             "writing": meta.get(WRITING_KEY), "recorded": meta.get(RECORDED_KEY)}
 
 
+_IDS = """
+SELECT e.embedding_id FROM embeddings AS e
+JOIN segments AS s ON s.id = e.segment_id AND s.scope = 'METADATA'
+JOIN collections AS col ON col.id = s.collection
+JOIN databases AS d ON d.id = col.database_id
+WHERE col.name = ? AND d.name = ? AND d.tenant_id = ?
+"""
+
+
+def catalogue_ids(c: Config) -> set[str] | None:
+    """The ids an embedded collection holds, from Chroma's sqlite (read-only, without chromadb): what
+    doit's up-to-date check compares with the manifest's ids, so rows replaced by hand (one deleted,
+    another added: the same count) are seen. One indexed column read; None for a server, or a
+    catalogue this code cannot read."""
+    location = os.path.join(cfg.path(c, c.db), "chroma.sqlite3")
+    if c.chroma_host or not os.path.exists(location):
+        return None
+    scope = (c.collection, c.chroma_database or "default_database", c.chroma_tenant or "default_tenant")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(location)}?mode=ro", uri=True, timeout=1.0)) as db:
+            return {row[0] for row in db.execute(_IDS, scope)}
+    except sqlite3.Error:
+        return None
+
+
 _ROWS = """
 SELECT count(*) FROM embeddings AS e
 JOIN segments AS s ON s.id = e.segment_id AND s.scope = 'METADATA'

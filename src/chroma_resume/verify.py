@@ -53,10 +53,15 @@ class Fixes:
 
     def __init__(self, c: Config, manifest: str, index: str | None = None):
         # A repair writes its manifest, and deletes what verify calls orphans: a fix under --write-state false
-        # or --sync-mode none would fail the same checks forever.
-        repairing = {"write_state": True, **({"sync_mode": "incremental"} if c.sync_mode == "none" else {})}
+        # or --sync-mode none would fail the same checks forever. Nor may it carry an option that refuses
+        # the very state it repairs: --on-missing-state fail refuses the missing (set aside) manifest, and
+        # --resume force refuses when there is no WAL (auto resumes every WAL that force would).
+        repairing = {"write_state": True, **({"sync_mode": "incremental"} if c.sync_mode == "none" else {}),
+                     **({"on_missing_state": "reset"} if c.on_missing_state == "fail" else {}),
+                     **({"resume": "auto"} if c.resume == "force" else {})}
         self.index = index
         build = functools.partial(command_line, c, "build", index=index, **repairing)
+        self.build_excluding = lambda patterns: build(exclude=c.exclude + patterns)  # leaves documents out
         self.build = build()  # writes what is missing or stale: manifest, collection, fingerprint, a changed corpus
         # A corpus that lists nothing: a build deletes every document only when told to. Not ranked: the
         # user's decision comes first, and once made, it leaves nothing for a stronger fix to do.
@@ -385,7 +390,7 @@ def _fresh_checks(c: Config, manifest: state.Manifest, text_sha: dict[str, str],
         checks.append(Check("fresh_unreadable", False,
                             f"{len(unreadable)} indexed document(s) cannot be read now and are kept as they were "
                             f"indexed {unreadable[:SHOW]}: make them readable and run {fixes.build}, or leave them out "
-                            f"(the fix)", command_line(c, "build", index=fixes.index, exclude=c.exclude + left_out)))
+                            f"(the fix)", fixes.build_excluding(left_out)))
     return checks
 
 
