@@ -323,6 +323,18 @@ def catalogue_rows(c: Config) -> int | None:
         return None
 
 
+def rows_held(c: Config) -> int:
+    """How many rows the collection holds, 0 when it (or the embedded folder) does not exist; read
+    from the catalogue where it can be, else through a client that creates nothing."""
+    if embedded_store_missing(c):
+        return 0
+    rows = catalogue_rows(c)
+    if rows is not None:
+        return rows
+    db = open_store(c)
+    return 0 if db is None else db.count()
+
+
 # ---- the deep check after an unclean end (DESIGN §13) ----------------------------------
 # An embedded Chroma keeps each collection's rows in chroma.sqlite3 and its vector index (HNSW)
 # in a segment folder it re-writes every `sync_threshold` records, without fsync; the sqlite side
