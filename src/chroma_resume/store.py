@@ -538,9 +538,12 @@ def _persistent_client(chromadb, where: str, scope: dict):
     """Chroma creating a new folder runs its migrations, and two processes doing so at once fail
     ("table collections already exists"): `doit -n 2` builds two collections into one new --db. The
     creation is serialised by a lock beside the folder; an existing database is opened without one
-    (so readers such as verify write nothing)."""
+    (so readers such as verify write nothing). A folder without its database may have been deleted
+    since this process opened it (a second build in a notebook after `rm -rf .chroma`): chromadb's
+    cached system of that path would write into the deleted files, so it is released first."""
     if os.path.exists(os.path.join(where, "chroma.sqlite3")):
         return chromadb.PersistentClient(path=str(where), **scope)
+    release_files(where)
     lock = os.path.join(os.path.dirname(where), f".{os.path.basename(where).lstrip('.')}.create.lock")
     with osfs.exclusive_lock(lock):
         return chromadb.PersistentClient(path=str(where), **scope)
