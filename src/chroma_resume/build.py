@@ -84,12 +84,19 @@ def build(c: Config, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Summ
 
 def _refuse_wiping(c: Config, p: dict) -> None:
     """A listing that succeeded and found nothing removes every document: right for a corpus emptied on
-    purpose, a disaster for a typo (`--include ''`, the wrong folder). So it asks for --allow-empty."""
+    purpose, a disaster for a typo (`--include ''`, the wrong folder). So it asks for --allow-empty.
+    The collection's own rows count too: without a state folder (a fresh checkout, another
+    --state-root) the manifest lists nothing, yet the build would still empty the collection."""
     manifest = state.load_manifest(p["manifest"])
     if manifest is not None and manifest.documents:
-        raise UsageError(f"the corpus {corpus.source_path(c)} lists no document (include: {' '.join(c.include)!r}): "
-                         f"this build would delete all {len(manifest.documents)} documents of collection "
-                         f"{c.collection!r}. Pass --allow-empty true if that is what you want")
+        lost = f"all {len(manifest.documents)} documents"
+    elif rows := store.rows_held(c):
+        lost = f"all {rows} rows"
+    else:
+        return
+    raise UsageError(f"the corpus {corpus.source_path(c)} lists no document (include: {' '.join(c.include)!r}): "
+                     f"this build would delete {lost} of collection {c.collection!r}. Pass --allow-empty true "
+                     f"if that is what you want")
 
 
 def refuse_unresumable(c: Config, p: dict, decision: ResumeDecision) -> None:

@@ -297,6 +297,8 @@ def run(command: str, options: dict, extra, index: str | None = None) -> int:
     make_output_safe()  # a path the console's code page cannot hold must not end the run
     try:
         c = configured(options, index)
+        if command in ("build", "repair"):
+            _refuse_writing_another_index(index, options)
         machine_output = getattr(extra, "json", False)  # keep stdout one JSON object
         print(describe(c), file=sys.stderr if machine_output else sys.stdout, flush=True)
         extra.index = index  # printed fixes name the index they are about
@@ -307,6 +309,15 @@ def run(command: str, options: dict, extra, index: str | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted at once (second signal); the WAL is intact, rerun to resume", file=sys.stderr)
         return 130
+
+
+def _refuse_writing_another_index(index: str | None, options: dict) -> None:
+    """`build --index docs --collection notes` would delete index notes' documents from its
+    collection and fill it with docs': the tables' shared-collection check, made on this run's
+    options (the other indexes as their tables say), as doit makes it for its sub-tasks."""
+    root = options.get("root")
+    if shared := indexes.group_refusal(index, options, {"root": root}, root or "."):
+        raise shared
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,6 +342,8 @@ def _every_index(args, options: dict) -> int:
         if getattr(args, "report", None) or getattr(args, "junit", None):
             raise UsageError("--all writes no --report/--junit: `doit verify --report FILE` writes one for every index")
         names = [index.name for index in indexes.load(args.root or ".")]
+        if args.command in ("build", "repair") and (shared := indexes.group_refusal(None, {}, options, args.root or ".")):
+            raise shared  # `--all --collection X` gives X to every index: each would delete the others' documents
     except ChromaResumeError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

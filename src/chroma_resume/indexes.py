@@ -189,7 +189,8 @@ def _refuse_shared_collections(found: list[Index], given: dict | None = None) ->
     for index in found:
         options = (given or {}).get(index.name, {})
         c = resolve(index, options)
-        key = (cfg.db_identity(c), c.collection)
+        store = cfg.db_identity(c) if c.chroma_host else os.path.realpath(cfg.db_identity(c))  # a symlink: one store
+        key = (store, c.collection)
         state = cfg.collection_dir(c)
         if key not in seen and state in state_of:
             raise UsageError(f"{state_of[state].table} and {index.table}: both keep their manifest, WAL and lock in "

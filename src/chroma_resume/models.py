@@ -301,14 +301,17 @@ def _not_local(c: Config, where: str) -> str:
 _LFS_POINTER = b"version https://git-lfs"
 
 
-def _check_weights(c: Config, folder: str) -> None:
+def _check_weights(c: Config, folder: str, config: dict) -> None:
     """The weights are there and whole, read without torch: a safetensors file's header must parse
     and its tensors end exactly at the end of the file; a pickle checkpoint must be a zip archive. A
-    clone made without git-lfs leaves pointer files that only a load would otherwise discover."""
+    clone made without git-lfs leaves pointer files that only a load would otherwise discover. The
+    token embeddings' shape in the header must match config.json: a folder updated in place half
+    way (a new config, the old weights) fails only at the load, after a schema change's reset."""
     names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") or
                    (n.startswith("pytorch_model") and n.endswith(".bin")))
     if not names:
         raise ModelLoadError(f"model {c.embed_model!r} ({folder}) has no weights (*.safetensors or pytorch_model*.bin)")
+    shapes: dict[str, list] = {}  # tensor name -> shape, from every safetensors header
     for name in names:
         file = os.path.join(folder, name)
         with open(file, "rb") as fh:
@@ -320,12 +323,33 @@ def _check_weights(c: Config, folder: str) -> None:
             elif name.endswith(".bin"):
                 problem = None if head.startswith(b"PK") else "is not a PyTorch zip checkpoint"
             else:
-                problem = _safetensors_problem(fh, head, size)
+                problem = _safetensors_problem(fh, head, size, shapes)
         if problem:
             raise ModelLoadError(f"model {c.embed_model!r}: {file} {problem}")
+    if problem := _shape_problem(config, shapes):
+        raise ModelLoadError(f"model {c.embed_model!r} ({folder}): {problem}; the folder mixes two models "
+                             f"(copy the whole model again)")
 
 
-def _safetensors_problem(fh, head: bytes, size: int) -> str | None:
+# The token embedding matrix, [vocab_size, hidden_size], under its name in the common architectures.
+_TOKEN_EMBEDDINGS = ("word_embeddings.weight", "embed_tokens.weight", "wte.weight", "shared.weight")
+
+
+def _shape_problem(config: dict, shapes: dict[str, list]) -> str | None:
+    """How the weights' token embeddings disagree with config.json's hidden_size or vocab_size."""
+    for tensor, shape in sorted(shapes.items()):
+        if not tensor.endswith(_TOKEN_EMBEDDINGS) or not isinstance(shape, list) or len(shape) != 2:
+            continue
+        for axis, key in enumerate(("vocab_size", "hidden_size")):
+            declared = _positive_int(config.get(key))
+            if declared is not None and shape[axis] != declared:
+                return f"config.json declares {key} {declared}, but the weights' {tensor} has shape {shape}"
+        return None
+    return None
+
+
+def _safetensors_problem(fh, head: bytes, size: int, shapes: dict[str, list]) -> str | None:
+    """What is wrong with a safetensors file (None: nothing); its tensors' shapes go into `shapes`."""
     if len(head) < 8:
         return "is too short to be a safetensors file"
     length = int.from_bytes(head, "little")
@@ -339,6 +363,7 @@ def _safetensors_problem(fh, head: bytes, size: int) -> str | None:
             and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
     if 8 + length + max(ends, default=0) != size:
         return "is truncated or padded: its tensors do not end where the file does"
+    shapes.update({k: t.get("shape") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)})
     return None
 
 
@@ -418,7 +443,7 @@ def preflight(c: Config) -> ModelInfo:
     length = effective_max_length(c)
     if positions and length and length > positions:
         raise ModelLoadError(f"--max-length {length} exceeds the {positions} positions of model {c.embed_model!r}")
-    _check_weights(c, _snapshot_folder(where))
+    _check_weights(c, _snapshot_folder(where), config)
     if c.backend == "onnx-int8":
         _check_quantizer(c)
     if c.device != "cpu" or c.fp16 == "on":

@@ -208,11 +208,14 @@ def store_lock(c: cfg.Config, run_id: str) -> "WriterLock | contextlib.nullconte
     server has no folder of ours; its writers share a state root to be told apart."""
     if c.chroma_host:
         return contextlib.nullcontext()
-    db = cfg.path(c, c.db)
+    db = os.path.realpath(cfg.path(c, c.db))  # a symlink to the folder is the same store, so the same lock
     parent = os.path.dirname(db)
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise UsageError(f"--db {db}: {parent} is a file, not a folder")
-    return WriterLock(os.path.dirname(db), run_id, name=f".{os.path.basename(db).lstrip('.')}.{c.collection}.writer.lock")
+    # One name per (folder, collection): a hidden folder (`.chroma`) keeps the name it always had,
+    # `.chroma.<collection>.writer.lock`; any other folder's lock has no added dot, so `chroma` and
+    # `.chroma` in one folder never share a lock.
+    return WriterLock(parent, run_id, name=f"{os.path.basename(db)}.{c.collection}.writer.lock")
 
 
 def _lock_error(path: str, exc: OSError) -> ChromaResumeError:

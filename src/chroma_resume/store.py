@@ -348,6 +348,18 @@ def catalogue_rows(c: Config) -> int | None:
         return None
 
 
+def rows_held(c: Config) -> int:
+    """How many rows the collection holds, 0 when it (or the embedded folder) does not exist; read
+    from the catalogue where it can be, else through a client that creates nothing."""
+    if embedded_store_missing(c):
+        return 0
+    rows = catalogue_rows(c)
+    if rows is not None:
+        return rows
+    db = open_store(c)
+    return 0 if db is None else db.count()
+
+
 # ---- the deep check after an unclean end (DESIGN §13) ----------------------------------
 # An embedded Chroma keeps each collection's rows in chroma.sqlite3 and its vector index (HNSW)
 # in a segment folder it re-writes every `sync_threshold` records, without fsync; the sqlite side
@@ -551,9 +563,12 @@ def _persistent_client(chromadb, where: str, scope: dict):
     """Chroma creating a new folder runs its migrations, and two processes doing so at once fail
     ("table collections already exists"): `doit -n 2` builds two collections into one new --db. The
     creation is serialised by a lock beside the folder; an existing database is opened without one
-    (so readers such as verify write nothing)."""
+    (so readers such as verify write nothing). A folder without its database may have been deleted
+    since this process opened it (a second build in a notebook after `rm -rf .chroma`): chromadb's
+    cached system of that path would write into the deleted files, so it is released first."""
     if os.path.exists(os.path.join(where, "chroma.sqlite3")):
         return chromadb.PersistentClient(path=str(where), **scope)
+    release_files(where)
     lock = os.path.join(os.path.dirname(where), f".{os.path.basename(where).lstrip('.')}.create.lock")
     with osfs.exclusive_lock(lock):
         return chromadb.PersistentClient(path=str(where), **scope)
