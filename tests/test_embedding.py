@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chroma_resume import cache, embedders, models, state
+from chroma_resume import cache, embedders, models
 from chroma_resume.config import make_config
 from chroma_resume.errors import ModelLoadError
 from chroma_resume.reporting import Warnings

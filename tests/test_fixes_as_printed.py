@@ -7,9 +7,6 @@ the same configuration wherever it is pasted, name the index it is about, and se
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
