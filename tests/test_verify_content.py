@@ -111,7 +111,7 @@ def test_deep_all_audits_every_chunk_with_progress_on_stderr(built):
     result = verify(built, "--deep", "all", "--progress", "on", "--report", "r.json")
     assert result.returncode == 0, result.stdout + result.stderr
     total = int(re.search(r"collection has (\d+) chunks", result.stdout).group(1))
-    assert f"[DEEP] {total}/{total} chunks re-embedded and looked up" in result.stderr
+    assert f"[DEEP] {total}/{total} chunks, re-embedded and looked up" in result.stderr
     assert checks(result.stdout)["findable"][1].startswith(f"all {total} chunks: recall@10 against exact search 1.0000 "
                                                            f"over {total} rows")
     assert len(json.loads((built / "r.json").read_text())["sample"]) == total

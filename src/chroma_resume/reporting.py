@@ -45,6 +45,7 @@ class Progress:
 
     unit = "chunk"
     label = "[PROGRESS]"
+    estimated = True  # the total is an estimate (shown as ~N)
 
     def __init__(self, total_docs: int, mode: str = "auto", stream: TextIO = sys.stderr, every_sec: float = 10.0):
         self.total_docs = total_docs
@@ -120,7 +121,7 @@ class Progress:
         done, total, also = self.counts()
         elapsed = max(now - self.started, 1e-9)
         rate = done / elapsed
-        of = f"/~{total}" if total is not None else ""
+        of = "" if total is None else f"/~{total}" if self.estimated else f"/{total}"
         eta = f"{max(total - done, 0) / rate:.0f}s" if total is not None and rate > 0 else "?"
         return (f"{self.label} {done}{of} {self.unit}s, {also}, {rate:.1f} {self.unit}s/s, "
                 f"elapsed {elapsed:.0f}s, eta {eta}")

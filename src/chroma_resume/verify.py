@@ -556,6 +556,7 @@ class _DeepProgress(Progress):
     """Progress's display and pacing, counting the chunks re-embedded and looked up (a known total)."""
 
     label = "[DEEP]"
+    estimated = False
 
     def counts(self) -> tuple[int, int | None, str]:
         return self.docs, self.total_docs, "re-embedded and looked up"
