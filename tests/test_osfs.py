@@ -165,8 +165,11 @@ def test_files_are_opened_binary_where_the_os_has_a_text_mode(tmp_path, monkeypa
 
 def test_folder_fsync_is_skipped_on_windows(tmp_path, monkeypatch):
     monkeypatch.setattr(osfs, "IS_WINDOWS", True)
+    synced = []
     monkeypatch.setattr(os, "open", lambda *a, **k: pytest.fail("Windows cannot open a folder"))
+    monkeypatch.setattr(os, "fsync", synced.append)
     osfs.fsync_dir(str(tmp_path))
+    assert synced == []  # nothing to fsync: NTFS journals the folder's metadata itself
 
 
 def test_a_held_lock_names_its_holder_after_the_grace_wait(tmp_path):

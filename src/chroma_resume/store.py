@@ -313,13 +313,20 @@ def catalogue_ids(c: Config) -> set[str] | None:
     doit's up-to-date check compares with the manifest's ids, so rows replaced by hand (one deleted,
     another added: the same count) are seen. One indexed column read; None for a server, or a
     catalogue this code cannot read."""
+    rows = _read_catalogue(c, _IDS)
+    return None if rows is None else {row[0] for row in rows}
+
+
+def _read_catalogue(c: Config, query: str) -> list | None:
+    """The rows of `query` over this collection's scope in Chroma's sqlite, opened read-only (creates
+    nothing, loads no chromadb); None for a server, a missing database or an unreadable catalogue."""
     location = os.path.join(cfg.path(c, c.db), "chroma.sqlite3")
     if c.chroma_host or not os.path.exists(location):
         return None
     scope = (c.collection, c.chroma_database or "default_database", c.chroma_tenant or "default_tenant")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{quote(location)}?mode=ro", uri=True, timeout=1.0)) as db:
-            return {row[0] for row in db.execute(_IDS, scope)}
+            return db.execute(query, scope).fetchall()
     except sqlite3.Error:
         return None
 
@@ -337,15 +344,8 @@ def catalogue_rows(c: Config) -> int | None:
     """How many rows an embedded collection holds, from Chroma's sqlite (read-only, without chromadb):
     what doit's up-to-date check compares with the manifest, so a row deleted by hand is seen. None
     for a server, or a catalogue this code cannot read."""
-    location = os.path.join(cfg.path(c, c.db), "chroma.sqlite3")
-    if c.chroma_host or not os.path.exists(location):
-        return None
-    scope = (c.collection, c.chroma_database or "default_database", c.chroma_tenant or "default_tenant")
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{quote(location)}?mode=ro", uri=True, timeout=1.0)) as db:
-            return db.execute(_ROWS, scope).fetchone()[0]
-    except sqlite3.Error:
-        return None
+    rows = _read_catalogue(c, _ROWS)
+    return None if rows is None else rows[0][0]
 
 
 def rows_held(c: Config) -> int:
