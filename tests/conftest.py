@@ -149,6 +149,17 @@ def workdir(tmp_path: Path) -> Path:
 HASH_BUILD = ["--docs", "corpus", "--collection", "test", "--embed-model", "hash:32", "--upsert-batch", "16",
               "--progress", "off"]
 
+# Two index tables over the hash stand-in, one .chroma: the doit group and --index cases.
+TWO_INDEXES = """\
+[tool.chroma-resume]
+embed-model = "hash:32"
+progress = "off"
+[tool.chroma-resume.indexes.docs]
+docs = "docs"
+[tool.chroma-resume.indexes.notes]
+docs = "notes"
+"""
+
 
 @pytest.fixture
 def observed_wal(tmp_path: Path, monkeypatch):

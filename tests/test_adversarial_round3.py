@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HASH_BUILD, collection_rows, lock_holder, run_cli, run_shell, summary, write_corpus
+from conftest import HASH_BUILD, TWO_INDEXES, collection_rows, lock_holder, run_cli, run_shell, summary, write_corpus
+from test_doit import PYPROJECT
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -143,15 +144,6 @@ def test_the_fix_that_leaves_out_an_unreadable_document_repairs_under_write_stat
 
 # ---- 5. doit's up-to-date check over a changed collection ----------------------------------
 
-_ONE_INDEX = """\
-[tool.chroma-resume]
-docs = "corpus"
-collection = "test"
-embed-model = "hash:32"
-progress = "off"
-upsert-batch = 16
-"""
-
 _SWAP_ROW = """
 import sys, chromadb
 col = chromadb.PersistentClient(path=sys.argv[1]).get_collection("test")
@@ -173,7 +165,7 @@ def test_doit_build_is_not_up_to_date_over_rows_replaced_by_hand(tmp_path):
     from test_doit import doit
 
     write_corpus(tmp_path / "corpus", 5)
-    (tmp_path / "pyproject.toml").write_text(_ONE_INDEX)
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
     assert doit(tmp_path, "build").returncode == 0
     subprocess.run([sys.executable, "-c", _SWAP_ROW, str(tmp_path / ".chroma")], check=True, timeout=120,
                    capture_output=True)
@@ -231,17 +223,6 @@ def test_an_empty_listing_does_not_wipe_a_populated_collection_when_the_state_fo
     assert collection_rows(tmp_path / ".chroma", "test") == before
 
 
-_TWO_INDEXES = """\
-[tool.chroma-resume]
-embed-model = "hash:32"
-progress = "off"
-[tool.chroma-resume.indexes.docs]
-docs = "docs"
-[tool.chroma-resume.indexes.notes]
-docs = "notes"
-"""
-
-
 def test_the_cli_refuses_an_index_option_that_makes_it_write_another_indexs_collection(tmp_path):
     """`doit build:docs --collection notes` is refused (exit 2: indexes.group_refusal runs in the doit
     action), but the same request on the command line, `chroma-resume build --index docs --collection
@@ -251,7 +232,7 @@ def test_the_cli_refuses_an_index_option_that_makes_it_write_another_indexs_coll
 
     write_corpus(tmp_path / "docs", 3)
     write_corpus(tmp_path / "notes", 4, seed=1)
-    (tmp_path / "pyproject.toml").write_text(_TWO_INDEXES)
+    (tmp_path / "pyproject.toml").write_text(TWO_INDEXES)
     assert doit(tmp_path, "build").returncode == 0
     notes = collection_rows(tmp_path / ".chroma", "notes")
     through_doit = doit(tmp_path, "build:docs", "--collection", "notes")

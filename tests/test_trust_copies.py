@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HASH_BUILD, collection_rows, run_cli, summary, write_corpus
+from conftest import HASH_BUILD, TWO_INDEXES, collection_rows, run_cli, summary, write_corpus
 from test_trust_evidence import UNITS, clean_rows, unit_rows, write_units
 
 pytestmark = pytest.mark.timeout(300)
@@ -69,23 +69,12 @@ def test_the_final_reconcile_sees_same_id_rewrites_the_plan_trusted(tmp_path):
     assert collection_rows(root / ".chroma", "test") == clean_rows(tmp_path, root, UNITS)
 
 
-GROUP = """\
-[tool.chroma-resume]
-embed-model = "hash:32"
-progress = "off"
-[tool.chroma-resume.indexes.docs]
-docs = "docs"
-[tool.chroma-resume.indexes.notes]
-docs = "notes"
-"""
-
-
 def test_options_given_to_a_group_cannot_make_two_indexes_write_one_collection(tmp_path):
     from test_doit import collection_counts, doit
 
     write_corpus(tmp_path / "docs", 3)
     write_corpus(tmp_path / "notes", 4, seed=1)
-    (tmp_path / "pyproject.toml").write_text(GROUP)
+    (tmp_path / "pyproject.toml").write_text(TWO_INDEXES)
     refused = doit(tmp_path, "build", "--collection", "shared")
     assert refused.returncode != 0, refused.stdout + refused.stderr
     assert "--collection" in refused.stderr and "indexes.docs" in refused.stderr, refused.stderr
