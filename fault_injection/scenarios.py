@@ -30,6 +30,11 @@ UNITS_START = "units.start.jsonl"  # in the attic: the units the starting index 
 MOVED_DB = "db-moved"  # where the move-db-then-revert change moves the row's --db folder
 TINY_MODEL = ("--embed-model", "tiny-model", "--pooling", "mean")  # a random BERT folder (tinymodel.py)
 HARNESS_ROOT = str(Path(__file__).resolve().parent.parent)  # so builds can run `-m fault_injection.engine`
+# A model's rows run float32: a row is compared with its golden at float noise (compare.VECTOR_ATOL),
+# and --backend auto's bf16 is taken by a timed probe check recorded per state root, so the golden and
+# a row may choose differently on a machine where bf16 is about as fast as float32 (a CI run did).
+# Moving an index between precisions is proven by tests/test_precision.py.
+FLOAT32 = ("--fp16", "off")
 FSYNC_OFF = ("--wal-fsync", "off")
 FSYNC_INTERVAL = ("--wal-fsync", "interval", "--wal-fsync-interval", "7")
 
@@ -202,7 +207,8 @@ def engine_args(s: Scenario, *extra: str, final: bool = False) -> list[str]:
     verify): those of the first run, or with `final` those of every run after the first kill."""
     source = ("--units", UNITS) if s.start.startswith("units") else ("--docs", "corpus")
     return [*source, "--collection", COLLECTION, "--upsert-batch", "16", "--progress", "off",
-            "--db", "db", "--state-root", "state", *s.model, *s.build_args, *(s.resume_args if final else ()),
+            "--db", "db", "--state-root", "state", *s.model, *(() if s.model == HASH_MODEL else FLOAT32),
+            *s.build_args, *(s.resume_args if final else ()),
             *extra]
 
 

@@ -170,7 +170,8 @@ def test_auto_keeps_float32_where_the_reduced_precision_is_not_faster(tmp_path, 
     monkeypatch.setattr(probe, "timed_encode", planted_speed)
     c = make_config(root=str(tmp_path), docs="corpus", embed_batch=4)
     (tmp_path / ".chroma-state").mkdir()
-    assert "runs=torch/bf16" in cli.describe(c)  # not measured yet
+    before = cli.describe(c)  # not measured yet: the [CONFIG] line says the check decides
+    assert "runs=torch/bf16" in before and "if its probe check" in before and "else float32" in before
     for attempt, warned in enumerate(({"precision_not_faster": 1}, {})):
         warn = Warnings()
         assert embedders.load(c, warn).precision == "float32" and warn.keys == warned, attempt

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from chroma_resume import commands
 from conftest import HASH_BUILD, write_corpus
@@ -77,6 +79,27 @@ def test_cmd_quoting_round_trips_through_the_windows_argument_rules():
     words = ["a b", 'say "hi"', "back\\slash\\", "", "plain"]
     line = commands.shell_join(words, windows=True)
     assert _split_windows(line) == words
+
+
+@given(st.lists(st.text(alphabet=' \ta"\\&|<>^()%!.:', max_size=8), max_size=4))
+def test_cmd_quoting_round_trips_and_keeps_cmd_metacharacters_inside_quotes(words):
+    """Any words come back whole from the Windows argument rules, and CMD (which knows no backslash
+    escape: each double quote toggles its quoting) sees none of its metacharacters outside quotes, so
+    a pasted fix naming `C:\\R&D\\docs` is one command, not two."""
+    line = commands.shell_join(words, windows=True)
+    assert _split_windows(line) == words
+    if not any('"' in word for word in words):  # Windows paths cannot hold a quote
+        assert not _unquoted_for_cmd(line) & commands.CMD_METACHARACTERS, line
+
+
+def _unquoted_for_cmd(line: str) -> set[str]:
+    quoted, seen = False, set()
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted:
+            seen.add(ch)
+    return seen
 
 
 def _split_windows(line: str) -> list[str]:

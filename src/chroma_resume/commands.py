@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 
 import msgspec
 
@@ -41,11 +40,34 @@ def move_command(source: str, target: str) -> str:
     return shell_join(["move" if osfs.IS_WINDOWS else "mv", source, target])
 
 
+# Characters CMD acts on outside double quotes (a path like `C:\R&D\docs` would end the command at `&`).
+CMD_METACHARACTERS = frozenset('&|<>^()')
+
+
 def shell_join(words: list[str], *, windows: bool | None = None) -> str:
     """Words quoted so the shell a person pastes them into gives the program these words back: CMD
-    on Windows (subprocess.list2cmdline: double quotes, the rules programs there split arguments by;
-    single quotes would reach the program literally), POSIX shells elsewhere (shlex.join)."""
-    return subprocess.list2cmdline(words) if (osfs.IS_WINDOWS if windows is None else windows) else shlex.join(words)
+    on Windows (double quotes, by the rules programs there split arguments by; single quotes would
+    reach the program literally), POSIX shells elsewhere (shlex.join)."""
+    if not (osfs.IS_WINDOWS if windows is None else windows):
+        return shlex.join(words)
+    return " ".join(_cmd_word(word) for word in words)
+
+
+def _cmd_word(word: str) -> str:
+    """One word for CMD: bare when nothing in it is special, else in double quotes, which CMD passes
+    whole (its metacharacters included) and the MSVCRT rules split back: a quote inside is \\", and the
+    backslashes before a quote, or before the closing one, are doubled. `%NAME%` still expands in CMD:
+    no quoting stops that, and paths rarely hold it."""
+    if word and not any(ch in ' \t"' or ch in CMD_METACHARACTERS for ch in word):
+        return word
+    quoted, backslashes = [], 0
+    for ch in word:
+        if ch == "\\":
+            backslashes += 1
+            continue
+        quoted.append("\\" * (2 * backslashes + 1) + '"' if ch == '"' else "\\" * backslashes + ch)
+        backslashes = 0
+    return '"' + "".join(quoted) + "\\" * (2 * backslashes) + '"'
 
 
 def _spell(name: str, value) -> str:
