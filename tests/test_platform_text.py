@@ -171,3 +171,13 @@ def test_a_missing_windows_model_path_is_named_as_a_path(tmp_path):
 
     with pytest.raises(ModelLoadError, match="model path not found"):
         models.location(make_config(root=str(tmp_path), embed_model="C:\\models\\bge"))
+
+
+def test_the_repository_checks_out_with_lf_on_every_os():
+    """.gitattributes pins LF in the working tree, so a Windows checkout under core.autocrlf=true
+    keeps bash scripts runnable (from WSL) and the sample corpus byte-identical to Linux's."""
+    files = [".ci/run", "scripts/setup.sh", "scripts/setup.py", "dodo.py", "examples/golden-queries.jsonl",
+             *sorted(str(p.relative_to(REPO)) for p in (REPO / "examples" / "corpus").rglob("*.md"))[:3]]
+    done = subprocess.run(["git", "check-attr", "eol", "--", *files], cwd=REPO, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.splitlines() == [f"{f}: eol: lf" for f in files]
