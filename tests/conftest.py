@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import forkrun
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Test modules that need POSIX, with what they need: skipped on Windows with that reason; the rest runs
@@ -68,8 +70,7 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
     """The real command line, as a user runs it; failpoints travel in env."""
     full_env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
     full_env.update({"HF_HUB_OFFLINE": "1", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "chroma_resume", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return forkrun.run(args, cwd, full_env, timeout)
 
 
 def run_shell(line: str, cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -101,8 +102,9 @@ def collection_rows(db: Path, name: str, digits: int | None = 6) -> dict[str, tu
     """id -> (document, metadata, embedding tuple rounded to `digits`, None: as stored), read in a fresh
     process: a chromadb client kept in this process can serve stale segments after another process wrote the DB."""
     rounding = [] if digits is None else [str(digits)]
-    out = subprocess.run([sys.executable, "-c", _READ_ROWS, str(db), name, *rounding], capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+    done = forkrun.python(["-c", _READ_ROWS, str(db), name, *rounding], db.parent, dict(os.environ), timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     return {i: (d, m, tuple(e)) for i, (d, m, e) in json.loads(out).items()}
 
 
