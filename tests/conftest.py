@@ -102,7 +102,8 @@ def collection_rows(db: Path, name: str, digits: int | None = 6) -> dict[str, tu
     """id -> (document, metadata, embedding tuple rounded to `digits`, None: as stored), read in a fresh
     process: a chromadb client kept in this process can serve stale segments after another process wrote the DB."""
     rounding = [] if digits is None else [str(digits)]
-    done = forkrun.python(["-c", _READ_ROWS, str(db), name, *rounding], db.parent, dict(os.environ), timeout=120)
+    done = forkrun.python(["-c", _READ_ROWS, str(db), name, *rounding], os.getcwd(), dict(os.environ),
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     return {i: (d, m, tuple(e)) for i, (d, m, e) in json.loads(out).items()}

@@ -6,12 +6,12 @@ embeds with the real model. Here a forkserver process (multiprocessing's, on POS
 third-party libraries once; each command is a fork of it, so it is still its own process (its own pid,
 locks, signal handlers, exit status, chromadb clients) and imports chroma_resume itself afresh, after
 its environment and working folder are set, so every option and failpoint read at import is this
-run's. What differs from an exec'd interpreter, and why it does not matter to the tests: the
-preloaded libraries read their environment once (the tests' runs differ only in variables that
-chroma_resume reads: CHROMA_RESUME_*, HF_HUB_OFFLINE is the same for all), and warnings those imports
+run's. What differs from an exec'd interpreter: the preloaded libraries read some variables once, at
+import (huggingface_hub its HF_* settings, torch its thread counts), so a run whose environment differs
+from the forkserver's in one of those runs as a plain subprocess instead; and warnings those imports
 print go to the forkserver's stderr, not the run's.
 
-Where fork does not exist (Windows) the command runs as a plain subprocess.
+Where there is no fork (Windows) every command runs as a plain subprocess.
 """
 from __future__ import annotations
 
@@ -29,12 +29,18 @@ PRELOAD = ["chromadb", "numpy", "msgspec", "FlagEmbedding"]
 # What they read at import must be what every run is given (run_cli sets it too).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+# Variables the preloaded libraries read at import: a run that sets them otherwise is not forked.
+READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_",
+                  "CUDA_", "PYTHON")
+
 _context = None
+_forkserver_env: dict[str, str] = {}
 
 
 def _forkserver():
-    global _context
+    global _context, _forkserver_env
     if _context is None:
+        _forkserver_env = _read_at_import(os.environ)  # what the forkserver, started now, inherits
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
     return _context
@@ -50,7 +56,7 @@ def python(argv: list[str], cwd, env: dict, timeout: float) -> subprocess.Comple
     """`python -m MODULE ARGS` or `python -c CODE ARGS` (argv), as subprocess.run with capture_output
     and text would run it."""
     command = [sys.executable, *argv]
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    if "forkserver" not in multiprocessing.get_all_start_methods() or not _forkable(env):
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="forkrun-") as folder:
         out_path, err_path = os.path.join(folder, "out"), os.path.join(folder, "err")
@@ -64,9 +70,22 @@ def python(argv: list[str], cwd, env: dict, timeout: float) -> subprocess.Comple
         return subprocess.CompletedProcess(command, child.exitcode, _read(out_path), _read(err_path))
 
 
+def _read_at_import(env) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(READ_AT_IMPORT)}
+
+
+def _forkable(env: dict) -> bool:
+    _forkserver()
+    return _read_at_import(env) == _forkserver_env
+
+
 def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return fh.read()
+    """"" where the fork died before it made the file."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return ""
 
 
 def _command(argv: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:

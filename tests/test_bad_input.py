@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from chroma_resume import config as cfg
 from chroma_resume import schema
 from chroma_resume.chunking import chunk_text
-from conftest import HASH_BUILD, lock_holder, run_cli, summary, write_corpus
+from conftest import HASH_BUILD, collection_rows, lock_holder, run_cli, summary, write_corpus
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,17 +30,6 @@ def state_dir(root: Path, collection: str = "test", model: str = "hash:32") -> P
 
 def build(root: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli(["build", *HASH_BUILD, *extra], cwd=root, env=env)
-
-
-def collection_rows(db: Path, name: str) -> dict[str, tuple]:
-    """conftest.collection_rows in a fresh process: a client kept in this process caches state that a
-    build in another process changes, and later reads fail ('Error finding id') or go stale."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[3]); from conftest import collection_rows; "
-            "print(json.dumps(collection_rows(sys.argv[1], sys.argv[2])))")
-    done = subprocess.run([sys.executable, "-c", code, str(db), name, str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return {i: (d, m, tuple(e)) for i, (d, m, e) in json.loads(done.stdout).items()}
 
 
 def manifest_docs(root: Path) -> dict:
