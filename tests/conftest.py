@@ -1,4 +1,5 @@
-"""Shared helpers: run the real CLI in a subprocess, make corpora, read Chroma back."""
+"""Shared helpers: run the real CLI in a process of its own (forked: tests/forkrun.py), make corpora,
+read Chroma back."""
 from __future__ import annotations
 
 import contextlib
@@ -67,7 +68,7 @@ def write_corpus(folder: Path, n: int, seed: int = 0, sizes=(40, 250, 700)) -> d
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """The real command line, as a user runs it; failpoints travel in env."""
+    """The real command line, as a user runs it, in a process of its own; failpoints travel in env."""
     full_env = {k: v for k, v in os.environ.items() if k != "CHROMA_RESUME_FAILPOINTS"}
     full_env.update({"HF_HUB_OFFLINE": "1", **(env or {})})
     return forkrun.run(args, cwd, full_env, timeout)
