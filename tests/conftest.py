@@ -3,6 +3,7 @@ read Chroma back."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -65,6 +66,12 @@ def write_corpus(folder: Path, n: int, seed: int = 0, sizes=(40, 250, 700)) -> d
         texts[uri] = " ".join(words) + "\n"
         (folder / uri).write_text(texts[uri], encoding="utf-8")
     return texts
+
+
+def files(root: Path) -> dict[str, str]:
+    """Every file under root by content: what a run created or changed."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

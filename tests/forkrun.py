@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import io
 import multiprocessing
+from multiprocessing import forkserver
 import os
 import runpy
 import subprocess
@@ -40,9 +41,12 @@ _forkserver_env: dict[str, str] = {}
 def _forkserver():
     global _context, _forkserver_env
     if _context is None:
-        _forkserver_env = _read_at_import(os.environ)  # what the forkserver, started now, inherits
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
+        # Started now, with the environment compared against: a test that later sets a variable
+        # the preloaded libraries read gets a plain subprocess, not a fork that read the old value.
+        _forkserver_env = _read_at_import(os.environ)
+        forkserver.ensure_running()
     return _context
 
 

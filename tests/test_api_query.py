@@ -2,7 +2,6 @@
 client querying an index by text with the index's own model."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 import chroma_resume
 from chroma_resume.errors import UsageError
-from conftest import REPO, run_cli, write_corpus
+from conftest import REPO, files, run_cli, write_corpus
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -23,12 +22,6 @@ TOPICS = {  # three documents the packaged MiniLM tells apart
     "rivers.md": "Rivers carve valleys; the current carries sand and stones down to the delta and the sea. " * 4,
     "resume.md": "After a crash the build replays its write-ahead log and resumes where it stopped. " * 4,
 }
-
-
-def files(root: Path) -> dict[str, str]:
-    """Every file under root by content: what a run created or changed."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

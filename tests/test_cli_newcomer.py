@@ -2,7 +2,6 @@
 its fixes run as printed; a bad value is blamed on where it came from."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 import chroma_resume
 from chroma_resume import cli
-from conftest import run_cli, run_shell, write_corpus
+from conftest import files, run_cli, run_shell, write_corpus
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,11 +25,6 @@ chunk-chars = 800
 [tool.chroma-resume.indexes.notes]
 docs = "notes"
 """
-
-
-def files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

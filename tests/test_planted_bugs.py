@@ -53,8 +53,8 @@ CASES = [
 
 def _matrix(tmp_path, scenario: str, kill: str, damage: str, *plant: str) -> tuple[subprocess.CompletedProcess, dict]:
     report = tmp_path / f"report-{len(plant)}.json"
-    args = ["--scenario", scenario, "--kill", kill, "--damage", damage, "--real-model-rows", "0", "--workers", "1", "--chain", "1",
-            "--work-dir", str(tmp_path), "--report", str(report)]
+    args = ["--scenario", scenario, "--kill", kill, "--damage", damage, "--chain", "1", "--real-model-rows", "0",
+            "--workers", "1", "--work-dir", str(tmp_path), "--report", str(report)]
     for switch in plant:
         args += ["--plant", switch]
     proc = subprocess.run([sys.executable, "-m", "fault_injection", *args], cwd=REPO, capture_output=True,

@@ -64,14 +64,14 @@ def settled(c: Config) -> Choice:
     """`choose`, corrected by what this CPU's recorded probe check found: where auto's bf16 ran the
     probes no faster than float32, auto is float32 (the checked ONNX export where one exists, else
     torch), decided without loading torch; before any check is recorded, the [CONFIG] line says that
-    the check decides (it runs at the first embedding, not before). A bf16 check that failed on cosine is left to the load,
-    which WARNs about it every time."""
+    the check decides (it runs at the first embedding, not before). A bf16 check that failed on cosine
+    is left to the load, which WARNs about it every time."""
     choice = choose(c)
     if c.backend == "auto" and choice.precision == "bf16":
         check = probe.recorded(c, "bf16", machine_kind(c.device))
         if check is None:
-            return Choice("torch", "bf16", f"{choice.why}, if its probe check at the first embedding also finds "
-                                           f"it faster; else float32")
+            return Choice("torch", "bf16", f"{choice.why}, if its probe check at the first embedding also "
+                                           f"finds it faster; else float32")
         if check.passed and not check.faster:
             return Choice("onnx", "float32", f"bf16 took {check.reduced_sec / check.float32_sec:.2f}x float32's "
                                              f"time in this CPU's probe check ({probe.record_path(c)}): float32, "
